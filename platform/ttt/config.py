@@ -1,0 +1,398 @@
+"""Typed configuration of a TTT-E2E run.
+
+One `JobConfig` describes a run everywhere: the CLI reads it from YAML (or a preset) plus dotted
+overrides, the operator will render it from a TTTJob spec, sweeps expand it into trials, and MLflow logs it
+flattened. The dataclasses are pydantic dataclasses, so types and ranges are checked on construction and
+unknown keys are errors; rules that involve several fields live in `__post_init__`. Every error is a
+`ConfigError` that names the dotted field and says what to change.
+
+Field names follow the paper's quantities with readable names: window_size (W), mini_batch_size (b),
+suffix_len (S), seq_len (T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+_SECTION = ConfigDict(extra="forbid")
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; `field` is its dotted path (e.g. ``ttt.mini_batch_size``)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(config=_SECTION, frozen=True)
+class ModelConfig:
+    """Architecture: a Llama-style Transformer whose last `suffix_len` blocks carry a prime MLP."""
+
+    vocab_size: int = Field(128256, ge=2, description="Vocabulary size V (Llama-3: 128256).")
+    hidden_size: int = Field(768, ge=1, description="Model width D.")
+    intermediate_size: int = Field(1664, ge=1, description="SwiGLU width I of the normal and prime MLPs.")
+    num_layers: int = Field(12, ge=1, description="Number of blocks L.")
+    num_heads: int = Field(12, ge=1, description="Attention heads H (head dim = D / H, no GQA).")
+    suffix_len: int = Field(
+        3, ge=0, description="Suffix blocks S: the last S blocks carry a prime MLP (TTT-E2E: L/4; 0 = none)."
+    )
+    attention: Literal["swa", "full"] = Field(
+        "swa", description="'swa': causal sliding window of window_size keys; 'full': full causal attention."
+    )
+    window_size: int = Field(8192, ge=1, description="Sliding window W in keys per query, the query included.")
+    rope_theta: float = Field(5e5, gt=0, description="RoPE base θ (interleaved pairs).")
+    rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal init of linears and embedding.")
+    bos_token_id: int = Field(128000, ge=0, description="BOS id; targets equal to it are left out of the loss.")
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                "model.num_heads",
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                "model.num_heads", f"head dim {self.head_dim} must be even for rotary embeddings"
+            )
+        if self.suffix_len > self.num_layers:
+            raise ConfigError(
+                "model.suffix_len",
+                f"{self.suffix_len} suffix blocks is more than the model's {self.num_layers} layers",
+            )
+        if self.bos_token_id >= self.vocab_size:
+            raise ConfigError(
+                "model.bos_token_id", f"{self.bos_token_id} is outside the vocabulary (size {self.vocab_size})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def effective_window(self) -> int | None:
+        """Keys per query, or None for full causal attention."""
+        return self.window_size if self.attention == "swa" else None
+
+
+@dataclass(config=_SECTION, frozen=True)
+class TTTConfig:
+    """The inner loop: one SGD step on the prime MLPs per mini-batch of tokens."""
+
+    enabled: bool = Field(
+        True, description="Test-time training on; false = no-TTT ablation (prime MLPs static)."
+    )
+    mini_batch_size: int = Field(1024, ge=1, description="Tokens b per inner step (and per loss chunk).")
+    inner_lr: float = Field(1.0, ge=0, description="Inner SGD learning rate after warm-up.")
+    inner_lr_init: float = Field(0.1, ge=0, description="Inner learning rate at outer step 0.")
+    inner_lr_warmup_steps: int = Field(
+        480, ge=0, description="Outer steps over which the inner lr rises linearly; 0 = constant inner_lr."
+    )
+    inner_clip: float = Field(
+        1.0, ge=0, description="Per-sequence global-norm clip of the inner gradient; 0 = off."
+    )
+    checkpoint: bool = Field(
+        True, description="Recompute each mini-batch in the backward pass (memory linear in T)."
+    )
+
+
+@dataclass(config=_SECTION, frozen=True)
+class OptimConfig:
+    """Outer AdamW with linear warm-up then cosine decay (the first update uses lr 0)."""
+
+    lr: float = Field(3e-3, ge=0, description="Peak learning rate.")
+    end_lr: float = Field(1e-5, ge=0, description="Learning rate at the last step.")
+    warmup_steps: int = Field(480, ge=0, description="Linear warm-up steps from 0 to lr.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay, applied to every parameter.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Global-norm clip of the outer gradient; 0 = off.")
+
+
+@dataclass(config=_SECTION, frozen=True)
+class TrainConfig:
+    """What one outer step consumes and how many there are."""
+
+    seq_len: int = Field(8192, ge=1, description="Training context T; a multiple of ttt.mini_batch_size.")
+    global_batch_size: int = Field(64, ge=1, description="Sequences per outer step, over all workers.")
+    total_steps: int = Field(4800, ge=1, description="Outer steps.")
+    seed: int = Field(0, ge=0, description="Seed of the weight init and of the data order.")
+
+
+@dataclass(config=_SECTION, frozen=True)
+class JobConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len % self.ttt.mini_batch_size:
+            raise ConfigError(
+                "train.seq_len",
+                f"{self.train.seq_len} is not divisible by ttt.mini_batch_size {self.ttt.mini_batch_size}",
+            )
+        if self.ttt.enabled and self.model.suffix_len == 0:
+            raise ConfigError(
+                "ttt.enabled",
+                "test-time training needs prime MLPs: set model.suffix_len >= 1 or ttt.enabled=false",
+            )
+        if self.optim.warmup_steps >= self.train.total_steps:
+            raise ConfigError(
+                "optim.warmup_steps",
+                f"{self.optim.warmup_steps} warm-up steps leave no decay in {self.train.total_steps} steps",
+            )
+
+    # -- conversions -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
+        """Construct from plain data; every failure is a ConfigError naming the field."""
+        _check_keys(cls, data, "")
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            raise ConfigError(where, f"{err['msg']} (got {err.get('input')!r})") from None
+
+    def with_overrides(self, overrides: Iterable[str]) -> JobConfig:
+        return apply_overrides(self, overrides)
+
+
+# -- building from dicts with errors that name the field -------------------------------------------
+
+
+def _section_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_keys(cls: type, data: Mapping[str, Any], prefix: str) -> None:
+    """Reject unknown keys with a suggestion, recursing into nested sections."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {type(data).__name__}")
+    types = _section_types(cls)
+    for key, value in data.items():
+        if key not in types:
+            close = difflib.get_close_matches(str(key), list(types), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known: {', '.join(types)}"
+            raise ConfigError(f"{prefix}{key}", f"unknown key{hint}")
+        if dataclasses.is_dataclass(types[key]):
+            _check_keys(types[key], value, f"{prefix}{key}.")
+
+
+# -- YAML and dotted overrides ---------------------------------------------------------------------
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def from_yaml(text: str, source: str = "<yaml>") -> JobConfig:
+    """Parse YAML; a top-level `preset: NAME` starts from that preset and the rest overrides it."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, "a config file must hold a mapping")
+    base = data.pop("preset", None)
+    if base is None:
+        return JobConfig.from_dict(data)
+    return JobConfig.from_dict(_deep_merge(preset(str(base)).to_dict(), data))
+
+
+def load(path: str | Path) -> JobConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc.strerror}") from None
+    return from_yaml(text, source=str(path))
+
+
+def dump(cfg: JobConfig, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def resolve(source: str, overrides: Iterable[str] = ()) -> JobConfig:
+    """A preset name or a YAML path, then `key=value` overrides."""
+    if source in preset_names():
+        cfg = preset(source)
+    elif source.endswith((".yaml", ".yml")) or Path(source).exists():
+        cfg = load(source)
+    else:
+        close = difflib.get_close_matches(source, preset_names(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError("config", f"'{source}' is neither a preset nor a YAML file{hint}")
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
+    """Apply `section.field=value` strings; values are parsed as YAML scalars (1e-3, true, swa)."""
+    data = cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(item, "an override must look like section.field=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                _check_keys(JobConfig, _path_dict(key.split(".")[: i + 1]), "")
+                raise ConfigError(key, "is not a config section")
+            node = node[part]
+        if leaf not in node:
+            _check_keys(JobConfig, _path_dict(key.split(".")), "")
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(key, "is a section; override one of its fields")
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return JobConfig.from_dict(data)
+
+
+def _path_dict(parts: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = None
+    return out
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(cfg: JobConfig) -> dict[str, Any]:
+    """`{"model.hidden_size": 768, ...}`: the form MLflow parameters and sweeps use."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(cfg.to_dict(), "")
+    return out
+
+
+# -- presets ---------------------------------------------------------------------------------------
+
+# Paper sizes (spec §2.10, §5.1): layers, width, heads, full-attention MLP width, pretraining steps,
+# global batch, peak lr. E2E shrinks the MLP width so that its L+S MLPs match the baseline's L.
+_SIZES: dict[str, tuple[int, int, int, int, int, int, float]] = {
+    "125m": (12, 768, 12, 2048, 4800, 64, 3e-3),
+    "350m": (24, 1024, 16, 2816, 13500, 64, 1.5e-3),
+    "760m": (24, 1536, 16, 4096, 29000, 64, 1.25e-3),
+    "1b": (24, 2048, 32, 5376, 50000, 64, 1e-3),
+    "3b": (32, 2560, 32, 6912, 52000, 128, 8e-4),
+}
+VARIANTS = ("e2e", "nottt", "swa", "fa")
+"""e2e: TTT-E2E; nottt: the same network with prime MLPs static; swa / fa: sliding-window and
+full-attention baselines without prime MLPs (MLP width of the full-attention model)."""
+
+
+def e2e_intermediate_size(fa_intermediate_size: int) -> int:
+    """ceil(0.8 · I_FA / 128) · 128, the parameter-matched MLP width of the E2E models."""
+    return math.ceil(fa_intermediate_size * 8 / (10 * 128)) * 128
+
+
+def preset_names() -> list[str]:
+    names = []
+    for size in ("tiny", *_SIZES):
+        names.append(size)
+        names.extend(f"{size}-{v}" for v in VARIANTS)
+    return names
+
+
+def preset(name: str) -> JobConfig:
+    """`<size>[-<variant>]`, size in tiny/125m/350m/760m/1b/3b, variant in e2e (default)/nottt/swa/fa."""
+    size, _, variant = name.partition("-")
+    variant = variant or "e2e"
+    if variant not in VARIANTS or (size != "tiny" and size not in _SIZES):
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError("preset", f"unknown preset '{name}'{hint}")
+    if size == "tiny":
+        base, fa_width = _tiny(), 425  # 4 MLPs of 425 hold as many weights as E2E's 5 of 340
+    else:
+        layers, width, heads, fa_width, steps, batch, lr = _SIZES[size]
+        warmup = steps // 10
+        base = JobConfig(
+            model=ModelConfig(
+                hidden_size=width,
+                num_layers=layers,
+                num_heads=heads,
+                intermediate_size=e2e_intermediate_size(fa_width),
+                suffix_len=layers // 4,
+            ),
+            ttt=TTTConfig(inner_lr_warmup_steps=warmup),
+            optim=OptimConfig(lr=lr, warmup_steps=warmup),
+            train=TrainConfig(global_batch_size=batch, total_steps=steps),
+        )
+    return _variant(base, variant, fa_width)
+
+
+def _tiny() -> JobConfig:
+    # Byte-level vocabulary (256 bytes + BOS) and a size that trains in minutes on 2 CPU cores.
+    return JobConfig(
+        model=ModelConfig(
+            vocab_size=257,
+            bos_token_id=256,
+            hidden_size=128,
+            intermediate_size=340,
+            num_layers=4,
+            num_heads=4,
+            suffix_len=1,
+            window_size=64,
+            rope_theta=1e4,
+        ),
+        ttt=TTTConfig(mini_batch_size=32, inner_lr_warmup_steps=30),
+        optim=OptimConfig(lr=3e-3, warmup_steps=30),
+        train=TrainConfig(seq_len=256, global_batch_size=8, total_steps=300),
+    )
+
+
+def _variant(cfg: JobConfig, variant: str, fa_width: int) -> JobConfig:
+    if variant == "e2e":
+        return cfg
+    if variant == "nottt":
+        return dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, enabled=False))
+    # Baselines: no prime MLPs, the full-attention model's MLP width, one loss chunk per sequence.
+    model = dataclasses.replace(
+        cfg.model,
+        suffix_len=0,
+        intermediate_size=fa_width,
+        attention="full" if variant == "fa" else "swa",
+    )
+    ttt = dataclasses.replace(cfg.ttt, enabled=False, mini_batch_size=cfg.train.seq_len)
+    return dataclasses.replace(cfg, model=model, ttt=ttt)

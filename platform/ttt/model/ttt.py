@@ -1,0 +1,213 @@
+"""The TTT-E2E inner loop and meta loss (spec §3–§4), to be read next to the spec.
+
+For a batch of sequences (each with its own fast weights):
+
+    hP   = prefix(embed(x))                      once over all T tokens, outer weights
+    F_0  = prime weights of the S suffix blocks  (Parameters, expanded per sequence: graph-connected)
+    for i in 0 .. T/b − 1:                       mini-batch i = tokens [i·b, (i+1)·b)
+        logits_i, caches = suffix(hP_i, caches; F_i) → head
+        ℓ_i  = masked mean next-token CE of mini-batch i      ← recorded BEFORE the update (no leak)
+        g_i  = ∂ℓ_i/∂F_i  with create_graph=True               ← second order: g_i stays in the graph
+        F_{i+1} = F_i − η_in · min(1, c/‖g_i‖) · g_i          ← one global norm per sequence over S blocks
+    loss = mean over sequences of mean_i ℓ_i                   ← its gradient flows through every F_i
+
+Each mini-batch iteration is wrapped in non-reentrant activation checkpointing, so the backward pass keeps
+only the carry (fast weights, KV caches) per mini-batch and recomputes the rest, double backward included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ttt.config import TTTConfig
+from ttt.model.attention import KVCache
+from ttt.model.transformer import PrimeWeights, Transformer
+
+
+@dataclass
+class SequenceLoss:
+    """What one pass over a batch of sequences returns."""
+
+    loss: torch.Tensor
+    """Scalar: mean over sequences of the mean over mini-batches of the pre-update losses."""
+    chunk_losses: torch.Tensor
+    """[B, T/b] masked mean CE of each mini-batch, before that mini-batch's update."""
+    token_nll: torch.Tensor
+    """[B, T] −log p(target) per position, unmasked, in fp32 (detached)."""
+    inner_grad_norms: torch.Tensor | None = None
+    """[B, T/b] global norm of each inner gradient before clipping (TTT only, detached)."""
+    trajectory: list[list[PrimeWeights]] | None = None
+    """Fast weights after each mini-batch's update, per suffix block (detached; only when asked)."""
+
+
+def inner_lr_at(cfg: TTTConfig, step: int | None) -> float:
+    """η_in at outer step `step` (0-based): linear from inner_lr_init to inner_lr over the warm-up, using
+    (step + 1) / warmup as the reference does. `None` (evaluation) means fully warmed up."""
+    if step is None or cfg.inner_lr_warmup_steps == 0:
+        return cfg.inner_lr
+    frac = min(1.0, (step + 1) / cfg.inner_lr_warmup_steps)
+    return cfg.inner_lr_init + (cfg.inner_lr - cfg.inner_lr_init) * frac
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−log softmax(fp32 logits)[target], per position: [B, n, V], [B, n] → [B, n]."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    flat = logits.to(acc).flatten(0, 1)
+    return F.cross_entropy(flat, targets.flatten(), reduction="none").view(targets.shape)
+
+
+def masked_mean(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of nll over the unmasked positions of the last axis (a fully masked chunk gives 0)."""
+    mask = mask.to(nll.dtype)
+    return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1e-10)
+
+
+def sequence_loss(
+    model: Transformer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    ttt: TTTConfig,
+    *,
+    step: int | None = None,
+    loss_mask: torch.Tensor | None = None,
+    first_order: bool = False,
+    record_trajectory: bool = False,
+) -> SequenceLoss:
+    """Loss of `model` on token ids `inputs`/`targets` [B, T], with or without test-time training.
+
+    TTT runs when `ttt.enabled` and the model has suffix blocks; otherwise every block runs once over the
+    whole sequence with the prime MLPs static (the no-TTT ablation and the SWA / full-attention baselines).
+    Outer gradients flow when autograd is enabled at the call; under `torch.no_grad()` the inner loop still
+    takes its gradient steps (evaluation includes TTT) but nothing is kept for an outer backward.
+
+    `step` is the outer step for the inner-lr warm-up (None: warmed up). The default loss mask leaves out
+    BOS targets. `first_order=True` stops gradients through the inner gradients: a diagnostic that is NOT
+    TTT-E2E (its meta-gradient differs by ~100% on the golden model).
+    """
+    if inputs.shape != targets.shape or inputs.dim() != 2:
+        raise ValueError(f"inputs and targets must both be [batch, seq_len], got {inputs.shape} and {targets.shape}")
+    chunk = ttt.mini_batch_size
+    if inputs.shape[1] % chunk:
+        raise ValueError(f"sequence length {inputs.shape[1]} is not divisible by mini_batch_size {chunk}")
+    if loss_mask is None:
+        loss_mask = targets != model.config.bos_token_id
+    if ttt.enabled and model.config.suffix_len > 0:
+        return _meta_loss(model, inputs, targets, loss_mask, ttt, inner_lr_at(ttt, step),
+                          first_order, record_trajectory)
+    nll = token_nll(model(inputs), targets)
+    chunk_losses = masked_mean(_chunks(nll, chunk), _chunks(loss_mask, chunk))
+    return SequenceLoss(chunk_losses.mean(1).mean(0), chunk_losses, nll.detach())
+
+
+def _chunks(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x.view(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
+
+
+def _meta_loss(
+    model: Transformer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    ttt: TTTConfig,
+    inner_lr: float,
+    first_order: bool,
+    record_trajectory: bool,
+) -> SequenceLoss:
+    outer = torch.is_grad_enabled()
+    batch, length = inputs.shape
+    size = ttt.mini_batch_size
+    h = model.run_prefix(inputs)  # prefix: once, fused attention, first-order only
+
+    # Per-sequence fast weights F_0 = the meta-learned Parameters, expanded (not copied) so that the outer
+    # gradient of every later F_i reaches them. Without an outer pass they are fresh leaves instead.
+    fast = [
+        PrimeWeights(*(w.unsqueeze(0).expand(batch, *w.shape) for w in weights))
+        for weights in model.prime_weights()
+    ]
+    if not outer:
+        fast = _detached(fast)
+    caches: list[KVCache | None] = [None] * model.config.suffix_len
+    step_fn = _InnerStep(model, inner_lr, ttt.inner_clip, outer=outer, second_order=outer and not first_order)
+    use_checkpoint = ttt.checkpoint and outer
+
+    losses, nlls, norms, trajectory = [], [], [], []
+    with torch.enable_grad():  # the inner gradient needs autograd even when evaluating
+        for i in range(length // size):
+            part = slice(i * size, (i + 1) * size)
+            args = (h[:, part], targets[:, part], loss_mask[:, part], fast, caches)
+            if use_checkpoint:
+                out = checkpoint(step_fn, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                out = step_fn(*args)
+            fast, caches, loss_i, nll_i, norm_i = out
+            if not outer:  # cut the graph after each mini-batch: memory stays constant in T
+                fast, caches = _detached(fast), [KVCache(c.keys.detach(), c.values.detach()) for c in caches]
+                loss_i = loss_i.detach()
+            losses.append(loss_i)
+            nlls.append(nll_i)
+            norms.append(norm_i)
+            if record_trajectory:
+                trajectory.append([PrimeWeights(*(w.detach().clone() for w in p)) for p in fast])
+    chunk_losses = torch.stack(losses, dim=1)
+    return SequenceLoss(
+        loss=chunk_losses.mean(1).mean(0),
+        chunk_losses=chunk_losses,
+        token_nll=torch.cat(nlls, dim=1),
+        inner_grad_norms=torch.stack(norms, dim=1),
+        trajectory=trajectory if record_trajectory else None,
+    )
+
+
+def _detached(fast: list[PrimeWeights]) -> list[PrimeWeights]:
+    return [PrimeWeights(*(w.detach().requires_grad_() for w in p)) for p in fast]
+
+
+class _InnerStep:
+    """One mini-batch: suffix forward with F_i, loss before update, clipped SGD step to F_{i+1}.
+
+    A callable object rather than a closure so that `checkpoint` can recompute it in the backward pass.
+    """
+
+    def __init__(self, model: Transformer, lr: float, clip: float, outer: bool, second_order: bool):
+        self.model = model
+        self.lr = lr
+        self.clip = clip
+        self.outer = outer  # an outer backward follows: keep this chunk's graph
+        self.second_order = second_order  # and differentiate through the inner gradient itself
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        fast: list[PrimeWeights],
+        caches: list[KVCache | None],
+    ):
+        logits, new_caches = self.model.run_suffix_chunk(h, caches, fast)
+        nll = token_nll(logits, targets)
+        loss = masked_mean(nll, mask)  # [B]: ℓ_i per sequence, with the weights before this update
+        flat = [w for weights in fast for w in weights]
+        # A sum over sequences: each sequence's loss depends only on its own slice of F, so this gives every
+        # sequence its own gradient (a batch mean would scale inner gradients by 1/B). Earlier caches and the
+        # prefix output are constants here because F_i is the tensor used in this chunk's forward.
+        grads = torch.autograd.grad(
+            loss.sum(), flat, create_graph=self.second_order, retain_graph=self.outer
+        )
+        if self.second_order and not all(g.requires_grad for g in grads):
+            raise RuntimeError(
+                "inner gradients came back detached, so the meta-gradient would silently be first order; "
+                "is the suffix compiled or run through a kernel without double backward?"
+            )
+        sq_norm = sum(g.pow(2).sum(dim=tuple(range(1, g.dim()))) for g in grads)  # [B], over all S blocks
+        if self.clip > 0:
+            # min(1, c/‖g‖) written as c / sqrt(max(‖g‖², c²)): the same value and gradient as the
+            # reference's select, and no 0/0 in the backward when a chunk has no unmasked target.
+            scale = self.clip * torch.rsqrt(sq_norm.clamp(min=self.clip**2))
+            grads = [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
+        updated = [w - self.lr * g for w, g in zip(flat, grads)]
+        new_fast = [PrimeWeights(*updated[k : k + 3]) for k in range(0, len(updated), 3)]
+        return new_fast, new_caches, loss, nll.detach(), sq_norm.detach().sqrt()
