@@ -51,11 +51,15 @@ class ModelConfig:
     attention: Literal["swa", "full"] = Field(
         "swa", description="'swa': causal sliding window of window_size keys; 'full': full causal attention."
     )
-    window_size: int = Field(8192, ge=1, description="Sliding window W in keys per query, the query included.")
+    window_size: int = Field(
+        8192, ge=1, description="Sliding window W in keys per query, the query included."
+    )
     rope_theta: float = Field(5e5, gt=0, description="RoPE base θ (interleaved pairs).")
     rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal init of linears and embedding.")
-    bos_token_id: int = Field(128000, ge=0, description="BOS id; targets equal to it are left out of the loss.")
+    bos_token_id: int = Field(
+        128000, ge=0, description="BOS id; targets equal to it are left out of the loss."
+    )
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -74,7 +78,8 @@ class ModelConfig:
             )
         if self.bos_token_id >= self.vocab_size:
             raise ConfigError(
-                "model.bos_token_id", f"{self.bos_token_id} is outside the vocabulary (size {self.vocab_size})"
+                "model.bos_token_id",
+                f"{self.bos_token_id} is outside the vocabulary (size {self.vocab_size})",
             )
 
     @property

@@ -45,7 +45,9 @@ class RotaryTable:
         self.theta = theta
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, length: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         cos, sin = self._tables.get((device, dtype), (None, None))
         if cos is None or cos.shape[0] < length:

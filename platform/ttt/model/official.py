@@ -74,7 +74,9 @@ def to_state_dict(tree: Mapping[str, Any], cfg: ModelConfig) -> dict[str, torch.
     expected = set(official_names(cfg))
     missing, unexpected = sorted(expected - tree.keys()), sorted(tree.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"official parameters do not fit the config: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"official parameters do not fit the config: missing {missing}, unexpected {unexpected}"
+        )
     first_suffix = cfg.num_layers - cfg.suffix_len
     state: dict[str, torch.Tensor] = {ours: _tensor(tree[ROOT + theirs]) for theirs, ours in _TOP.items()}
     for groups, base, count, offset in (
@@ -84,7 +86,9 @@ def to_state_dict(tree: Mapping[str, Any], cfg: ModelConfig) -> dict[str, torch.
         for theirs, (ours, linear) in groups.items():
             stacked = tree[ROOT + base + theirs]
             if stacked.shape[0] != count:
-                raise ValueError(f"{base}{theirs}: {stacked.shape[0]} stacked entries, the config has {count}")
+                raise ValueError(
+                    f"{base}{theirs}: {stacked.shape[0]} stacked entries, the config has {count}"
+                )
             for index in range(count):
                 value = stacked[index].T if linear else stacked[index]
                 state[f"layers.{offset + index}.{ours}"] = _tensor(value)

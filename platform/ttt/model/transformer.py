@@ -139,7 +139,9 @@ class Transformer(nn.Module):
         """Suffix blocks and head on one mini-batch of prefix outputs: logits [B, b, V] and new caches."""
         new_caches = []
         for j, block in enumerate(self.suffix_layers):
-            h, cache = block.forward_chunk(h, caches[j], self.rope, self.window, None if prime is None else prime[j])
+            h, cache = block.forward_chunk(
+                h, caches[j], self.rope, self.window, None if prime is None else prime[j]
+            )
             new_caches.append(cache)
         return self.head(h), new_caches
 

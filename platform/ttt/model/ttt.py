@@ -89,15 +89,18 @@ def sequence_loss(
     TTT-E2E (its meta-gradient differs by ~100% on the golden model).
     """
     if inputs.shape != targets.shape or inputs.dim() != 2:
-        raise ValueError(f"inputs and targets must both be [batch, seq_len], got {inputs.shape} and {targets.shape}")
+        raise ValueError(
+            f"inputs and targets must both be [batch, seq_len], got {inputs.shape} and {targets.shape}"
+        )
     chunk = ttt.mini_batch_size
     if inputs.shape[1] % chunk:
         raise ValueError(f"sequence length {inputs.shape[1]} is not divisible by mini_batch_size {chunk}")
     if loss_mask is None:
         loss_mask = targets != model.config.bos_token_id
     if ttt.enabled and model.config.suffix_len > 0:
-        return _meta_loss(model, inputs, targets, loss_mask, ttt, inner_lr_at(ttt, step),
-                          first_order, record_trajectory)
+        return _meta_loss(
+            model, inputs, targets, loss_mask, ttt, inner_lr_at(ttt, step), first_order, record_trajectory
+        )
     nll = token_nll(model(inputs), targets)
     chunk_losses = masked_mean(_chunks(nll, chunk), _chunks(loss_mask, chunk))
     return SequenceLoss(chunk_losses.mean(1).mean(0), chunk_losses, nll.detach())
@@ -194,9 +197,7 @@ class _InnerStep:
         # A sum over sequences: each sequence's loss depends only on its own slice of F, so this gives every
         # sequence its own gradient (a batch mean would scale inner gradients by 1/B). Earlier caches and the
         # prefix output are constants here because F_i is the tensor used in this chunk's forward.
-        grads = torch.autograd.grad(
-            loss.sum(), flat, create_graph=self.second_order, retain_graph=self.outer
-        )
+        grads = torch.autograd.grad(loss.sum(), flat, create_graph=self.second_order, retain_graph=self.outer)
         if self.second_order and not all(g.requires_grad for g in grads):
             raise RuntimeError(
                 "inner gradients came back detached, so the meta-gradient would silently be first order; "
@@ -208,6 +209,6 @@ class _InnerStep:
             # reference's select, and no 0/0 in the backward when a chunk has no unmasked target.
             scale = self.clip * torch.rsqrt(sq_norm.clamp(min=self.clip**2))
             grads = [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
-        updated = [w - self.lr * g for w, g in zip(flat, grads)]
+        updated = [w - self.lr * g for w, g in zip(flat, grads, strict=True)]
         new_fast = [PrimeWeights(*updated[k : k + 3]) for k in range(0, len(updated), 3)]
         return new_fast, new_caches, loss, nll.detach(), sq_norm.detach().sqrt()
