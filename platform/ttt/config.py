@@ -109,7 +109,9 @@ class TTTConfig:
         1.0, ge=0, description="Per-sequence global-norm clip of the inner gradient; 0 = off."
     )
     checkpoint: bool = Field(
-        True, description="Recompute each mini-batch in the backward pass (memory linear in T)."
+        True,
+        description="Activation checkpointing: recompute each inner-loop mini-batch and each prefix block "
+        "in the backward pass (memory: the carry per mini-batch and one tensor per block).",
     )
 
 

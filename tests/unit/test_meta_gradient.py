@@ -61,14 +61,14 @@ def test_finite_differences_tell_first_order_apart():
     assert (exact - approx).norm() / exact.norm() > 0.05
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_checkpointing_gives_the_same_gradients(first_order):
+@pytest.mark.parametrize(("enabled", "first_order"), [(True, False), (True, True), (False, False)])
+def test_checkpointing_gives_the_same_gradients(enabled, first_order):
     job = small_job(24, *CLIPPED)
     grads = {}
     for checkpoint in (True, False):
         model = random_model(job)
         inputs, targets = random_batch(job)
-        cfg = dataclasses.replace(job.ttt, checkpoint=checkpoint)
+        cfg = dataclasses.replace(job.ttt, checkpoint=checkpoint, enabled=enabled)
         sequence_loss(model, inputs, targets, cfg, first_order=first_order).loss.backward()
         grads[checkpoint] = _flat_grad(model)
     rel = (grads[True] - grads[False]).norm() / grads[False].norm()

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ttt.config import ModelConfig
 from ttt.model.attention import Attention, KVCache
@@ -123,12 +124,17 @@ class Transformer(nn.Module):
         """Final norm and the tied output projection: logits [.., V]."""
         return F.linear(self.final_norm(h), self.embed.weight)
 
-    def run_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Embedding and the L−S prefix blocks, once over the whole sequence: [B, T] → [B, T, D]."""
-        h = self.embed_tokens(tokens)
-        for block in self.prefix_layers:
-            h = block(h, self.rope, self.window)
+    def _run_blocks(self, h: torch.Tensor, blocks: Sequence[Block], recompute: bool) -> torch.Tensor:
+        for block in blocks:
+            if recompute:  # keep only each block's input; redo the block in the backward pass
+                h = checkpoint(block, h, self.rope, self.window, use_reentrant=False, preserve_rng_state=False)
+            else:
+                h = block(h, self.rope, self.window)
         return h
+
+    def run_prefix(self, tokens: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """Embedding and the L−S prefix blocks, once over the whole sequence: [B, T] → [B, T, D]."""
+        return self._run_blocks(self.embed_tokens(tokens), self.prefix_layers, recompute)
 
     def run_suffix_chunk(
         self,
@@ -147,12 +153,10 @@ class Transformer(nn.Module):
 
     # -- whole-sequence evaluation without test-time training --------------------------------------
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V] with every block over the whole sequence and the prime MLPs static."""
-        h = self.embed_tokens(tokens)
-        for block in self.layers:
-            h = block(h, self.rope, self.window)
-        return self.head(h)
+    def forward(self, tokens: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] with every block over the whole sequence and the prime MLPs static.
+        `recompute`: per-block activation checkpointing."""
+        return self.head(self._run_blocks(self.embed_tokens(tokens), self.layers, recompute))
 
     def forward_chunked(self, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """The same logits computed chunk by chunk through every block with KV caches (the reference's

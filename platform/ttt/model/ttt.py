@@ -11,8 +11,10 @@ For a batch of sequences (each with its own fast weights):
         F_{i+1} = F_i − η_in · min(1, c/‖g_i‖) · g_i          ← one global norm per sequence over S blocks
     loss = mean over sequences of mean_i ℓ_i                   ← its gradient flows through every F_i
 
-Each mini-batch iteration is wrapped in non-reentrant activation checkpointing, so the backward pass keeps
-only the carry (fast weights, KV caches) per mini-batch and recomputes the rest, double backward included.
+With `ttt.checkpoint` (default) each mini-batch iteration is wrapped in non-reentrant activation
+checkpointing, so the backward pass keeps only the carry (fast weights, KV caches) per mini-batch and
+recomputes the rest, double backward included; prefix blocks are checkpointed one by one, as in the
+reference.
 """
 
 from __future__ import annotations
@@ -97,11 +99,12 @@ def sequence_loss(
         raise ValueError(f"sequence length {inputs.shape[1]} is not divisible by mini_batch_size {chunk}")
     if loss_mask is None:
         loss_mask = targets != model.config.bos_token_id
+    recompute = ttt.checkpoint and torch.is_grad_enabled()
     if ttt.enabled and model.config.suffix_len > 0:
         return _meta_loss(
             model, inputs, targets, loss_mask, ttt, inner_lr_at(ttt, step), first_order, record_trajectory
         )
-    nll = token_nll(model(inputs), targets)
+    nll = token_nll(model(inputs, recompute=recompute), targets)
     chunk_losses = masked_mean(_chunks(nll, chunk), _chunks(loss_mask, chunk))
     return SequenceLoss(chunk_losses.mean(1).mean(0), chunk_losses, nll.detach())
 
@@ -123,7 +126,8 @@ def _meta_loss(
     outer = torch.is_grad_enabled()
     batch, length = inputs.shape
     size = ttt.mini_batch_size
-    h = model.run_prefix(inputs)  # prefix: once, fused attention, first-order only
+    recompute = ttt.checkpoint and outer
+    h = model.run_prefix(inputs, recompute)  # prefix: once, fused attention, first-order only
 
     # Per-sequence fast weights F_0 = the meta-learned Parameters, expanded (not copied) so that the outer
     # gradient of every later F_i reaches them. Without an outer pass they are fresh leaves instead.
@@ -135,14 +139,13 @@ def _meta_loss(
         fast = _detached(fast)
     caches: list[KVCache | None] = [None] * model.config.suffix_len
     step_fn = _InnerStep(model, inner_lr, ttt.inner_clip, outer=outer, second_order=outer and not first_order)
-    use_checkpoint = ttt.checkpoint and outer
 
     losses, nlls, norms, trajectory = [], [], [], []
     with torch.enable_grad():  # the inner gradient needs autograd even when evaluating
         for i in range(length // size):
             part = slice(i * size, (i + 1) * size)
             args = (h[:, part], targets[:, part], loss_mask[:, part], fast, caches)
-            if use_checkpoint:
+            if recompute:
                 out = checkpoint(step_fn, *args, use_reentrant=False, preserve_rng_state=False)
             else:
                 out = step_fn(*args)

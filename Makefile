@@ -1,0 +1,30 @@
+# Two commands for a newcomer: `make test` (and, from the next milestone, `make demo`).
+# Both install what they need into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml infra/install-venv.sh
+	infra/install-venv.sh $(VENV) dev
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) benchmarks/meta_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache platform/*.egg-info
