@@ -71,12 +71,20 @@ def measure(preset: str, seq_len: int, batch: int, checkpoint: bool, repeats: in
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"seq_len": seq_len, "checkpoint": checkpoint, "seconds": statistics.median(times),
-            "peak_bytes": peak, "mini_batch": job.ttt.mini_batch_size, "window": job.model.window_size}
+    return {
+        "seq_len": seq_len,
+        "checkpoint": checkpoint,
+        "seconds": statistics.median(times),
+        "peak_bytes": peak,
+        "mini_batch": job.ttt.mini_batch_size,
+        "window": job.model.window_size,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--batch", type=int, default=4)
@@ -92,21 +100,40 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         seq_len, checkpoint = args.worker.split(":")
-        print(json.dumps(measure(args.preset, int(seq_len), args.batch, checkpoint == "1", args.repeats,
-                                 args.device)))
+        print(
+            json.dumps(
+                measure(args.preset, int(seq_len), args.batch, checkpoint == "1", args.repeats, args.device)
+            )
+        )
         return
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     rows = []
     for seq_len in args.lengths:
         for checkpoint in (True, False):
-            cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch), "--repeats",
-                   str(args.repeats), "--threads", str(args.threads), "--device", args.device,
-                   "--worker", f"{seq_len}:{int(checkpoint)}"]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--preset",
+                args.preset,
+                "--batch",
+                str(args.batch),
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+                "--worker",
+                f"{seq_len}:{int(checkpoint)}",
+            ]
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"T={seq_len:5d} checkpoint={checkpoint!s:5s} {rows[-1]['seconds']:.3f} s  "
-                  f"{rows[-1]['peak_bytes'] / 2**20:8.1f} MiB", file=sys.stderr)
+            print(
+                f"T={seq_len:5d} checkpoint={checkpoint!s:5s} {rows[-1]['seconds']:.3f} s  "
+                f"{rows[-1]['peak_bytes'] / 2**20:8.1f} MiB",
+                file=sys.stderr,
+            )
     table = render(rows, args)
     print(table)
     if args.write:

@@ -26,6 +26,6 @@ py="$venv/bin/python"
 "$py" -c 'import torch' 2>/dev/null || "$py" -m pip install -q "$cpu_torch"
 
 constraints="$venv/torch-constraint.txt"
-"$py" -c 'import torch; print(f"torch=={torch.__version__}")' > "$constraints"
+"$py" -W ignore -c 'import torch; print(f"torch=={torch.__version__}")' > "$constraints"
 "$py" -m pip install -q -c "$constraints" -e ".[$extras]"
 echo "install-venv: $("$py" -c 'import torch; print("torch", torch.__version__)') in $venv"

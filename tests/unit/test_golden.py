@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import GOLDEN
+from ttt.config import ConfigError
 from ttt.model import official
 from ttt.model.ttt import inner_lr_at, sequence_loss
 from ttt.parity import ABS_TOLERANCE, GRAD_REL_TOLERANCE, run_parity
@@ -111,3 +113,20 @@ def test_official_layout_rejects_a_mismatched_config(golden, golden_job):
     del tree["language_model.model.ln_f.weight"]
     with pytest.raises(ValueError, match=r"missing \['language_model.model.ln_f.weight'\]"):
         official.to_state_dict(tree, job.model)
+
+
+def test_official_full_attention_config_maps_to_the_baseline(golden):
+    official_cfg = json.loads(str(golden["config_json"]))
+    official_cfg["model"].update(
+        seq_modeling_block="self_attention", prime=False, suffix_len=0, mini_batch_size=96
+    )
+    official_cfg["training"]["train_mode"] = "pretrain"
+    job, _ = official.config_from_official(official_cfg)
+    assert job.model.attention == "full" and job.model.suffix_len == 0 and not job.ttt.enabled
+    official_cfg["model"]["seq_modeling_block"] = "mamba"
+    with pytest.raises(ConfigError, match="'mamba' is not one of"):
+        official.config_from_official(official_cfg)
+    del official_cfg["model"]["hidden_size"]
+    official_cfg["model"]["seq_modeling_block"] = "SWA"
+    with pytest.raises(ConfigError, match=r"model\.hidden_size: missing"):
+        official.config_from_official(official_cfg)

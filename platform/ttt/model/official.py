@@ -46,6 +46,18 @@ _PRIME = {
 _TOP = {"wte.weight": "embed.weight", "ln_f.weight": "final_norm.weight"}
 
 
+def _stacked(cfg: ModelConfig):
+    """(official stacked name, our per-layer name pattern, is linear, stack size) for every stacked tensor."""
+    first_suffix = cfg.num_layers - cfg.suffix_len
+    for groups, base, count, offset in (
+        (_BLOCK, "h.blocks.", cfg.num_layers, 0),
+        (_PRIME, "h.prime_storage.", cfg.suffix_len, first_suffix),
+    ):
+        if count:
+            for theirs, (ours, linear) in groups.items():
+                yield ROOT + base + theirs, [f"layers.{offset + i}.{ours}" for i in range(count)], linear
+
+
 def normalize_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     """Flat {official dotted name: array} from keys with "/" or "." and an optional prefix to strip."""
     out = {}
@@ -62,10 +74,7 @@ def normalize_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.nd
 
 
 def official_names(cfg: ModelConfig) -> list[str]:
-    names = [ROOT + k for k in _TOP] + [ROOT + "h.blocks." + k for k in _BLOCK]
-    if cfg.suffix_len:
-        names += [ROOT + "h.prime_storage." + k for k in _PRIME]
-    return names
+    return [ROOT + k for k in _TOP] + [theirs for theirs, _, _ in _stacked(cfg)]
 
 
 def to_state_dict(tree: Mapping[str, Any], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -97,23 +106,14 @@ def to_state_dict(tree: Mapping[str, Any], cfg: ModelConfig) -> dict[str, torch.
 
 def from_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our state dict (or a dict of per-parameter gradients) → official stacked, [in, out] arrays."""
-    first_suffix = cfg.num_layers - cfg.suffix_len
 
     def array(name: str, linear: bool) -> np.ndarray:
         value = state[name].detach().to(torch.float32).cpu().numpy()
         return value.T if linear else value
 
     out = {ROOT + theirs: array(ours, False) for theirs, ours in _TOP.items()}
-    for groups, base, count, offset in (
-        (_BLOCK, "h.blocks.", cfg.num_layers, 0),
-        (_PRIME, "h.prime_storage.", cfg.suffix_len, first_suffix),
-    ):
-        if count == 0:
-            continue
-        for theirs, (ours, linear) in groups.items():
-            out[ROOT + base + theirs] = np.stack(
-                [array(f"layers.{offset + i}.{ours}", linear) for i in range(count)]
-            )
+    for theirs, ours, linear in _stacked(cfg):
+        out[theirs] = np.stack([array(name, linear) for name in ours])
     return out
 
 
@@ -126,6 +126,9 @@ def _tensor(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 
+_ATTENTION = {"SWA": "swa", "SWAFull": "swa", "self_attention": "full"}
+
+
 def config_from_official(official: Mapping[str, Any] | str) -> tuple[JobConfig, int | None]:
     """Our JobConfig from the official config (its `model` and `training` sections, official field names),
     and the outer step index if the dump records one (it sets the inner learning rate)."""
@@ -134,7 +137,10 @@ def config_from_official(official: Mapping[str, Any] | str) -> tuple[JobConfig, 
     model, training = official.get("model", {}), official.get("training", {})
     try:
         mode = training.get("train_mode", "meta")
-        attention = {"SWA": "swa", "SWAFull": "swa", "self_attention": "full"}[model["seq_modeling_block"]]
+        kind = model.get("seq_modeling_block", "self_attention")
+        if kind not in _ATTENTION:
+            raise ConfigError("model.seq_modeling_block", f"'{kind}' is not one of {sorted(_ATTENTION)}")
+        attention = _ATTENTION[kind]
         suffix_len = int(model.get("suffix_len", 0)) if model.get("prime", False) else 0
         inner = training.get("optimizer_inner", {})
         seq_len = int(training.get("seq_length", model["seq_len"]))

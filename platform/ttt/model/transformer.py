@@ -127,7 +127,9 @@ class Transformer(nn.Module):
     def _run_blocks(self, h: torch.Tensor, blocks: Sequence[Block], recompute: bool) -> torch.Tensor:
         for block in blocks:
             if recompute:  # keep only each block's input; redo the block in the backward pass
-                h = checkpoint(block, h, self.rope, self.window, use_reentrant=False, preserve_rng_state=False)
+                h = checkpoint(
+                    block, h, self.rope, self.window, use_reentrant=False, preserve_rng_state=False
+                )
             else:
                 h = block(h, self.rope, self.window)
         return h
