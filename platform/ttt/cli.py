@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from ttt import config as cfgmod
+from ttt.errors import UserError
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -43,12 +47,27 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in cfgmod.preset_names():
         job = cfgmod.preset(name)
         m = job.model
-        kind = "TTT-E2E" if job.ttt.enabled else ("no-TTT" if m.suffix_len else m.attention.upper())
         print(
-            f"{name:12s} {kind:8s} L={m.num_layers:<3d} D={m.hidden_size:<5d} "
+            f"{name:12s} {_kind(job):16s} L={m.num_layers:<3d} D={m.hidden_size:<5d} "
             f"params={param_counts(m).total:>13,d}  T={job.train.seq_len}"
         )
     return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    for name in cfgmod.recipe_names():
+        job = cfgmod.resolve(name)
+        print(
+            f"{name:28s} {_kind(job):16s} T={job.train.seq_len:<7d} steps={job.train.total_steps:<6d} "
+            f"batch={job.train.global_batch_size}"
+        )
+    return 0
+
+
+def _kind(job: cfgmod.JobConfig) -> str:
+    from ttt.train.trainer import variant_label
+
+    return variant_label(job)
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:
@@ -58,29 +77,170 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
+        Path(args.output).write_text(text + "\n")
     return 0 if report["ok"] else 1
+
+
+def default_run_name(source: str) -> str:
+    return f"{Path(source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ttt.tracking.logger import quiet_mlflow
+    from ttt.train.trainer import Trainer
+
+    quiet_mlflow()
+    overrides = list(args.set)
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.run_name:
+        overrides.append(f"tracking.run_name={args.run_name}")
+    job = cfgmod.resolve(args.source, overrides)
+    name = job.tracking.run_name or default_run_name(args.source)
+    result = Trainer(job, name, progress=not args.no_progress).fit()
+    print(format_result(result))
+    return 0
+
+
+def format_result(result) -> str:
+    lines = [f"run {result.run_name}: {result.steps} steps in {result.train_seconds:.0f} s"]
+    if result.final_eval:
+        ev = result.final_eval
+        past = f", past the window {ev.loss_past_window:.4f}" if ev.loss_past_window is not None else ""
+        lines.append(f"  validation loss {ev.loss:.4f}{past} ({ev.windows} windows)")
+    lines.append(f"  run directory   {result.run_dir}")
+    lines.append(f"  checkpoint      {result.last_checkpoint}")
+    if result.mlflow_run_id:
+        lines.append(f"  MLflow run      {result.mlflow_run_id} at {result.tracking_uri}")
+    if result.plot:
+        lines.append(f"  plot            artifact {result.plot} of that run")
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ttt.data import Samples, open_dataset, validation_batches
+    from ttt.eval.position import evaluate
+    from ttt.model.transformer import Transformer
+    from ttt.train.checkpoint import CheckpointError, load_checkpoint
+    from ttt.train.trainer import autocast_for, resolve_device
+
+    payload = load_checkpoint(args.checkpoint)
+    overrides = [f"train.seq_len={args.seq_len}"] if args.seq_len else []
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    try:
+        job = cfgmod.JobConfig.from_dict(payload["config"]).with_overrides(overrides)
+    except KeyError:
+        raise CheckpointError(f"{args.checkpoint} holds no config") from None
+    device = resolve_device(args.device)
+    model = Transformer(job.model).to(device)
+    model.load_state_dict(payload["model"])
+    dataset = open_dataset(job.data.path, (job.data.val_split,))
+    batches = validation_batches(
+        Samples(dataset.split(job.data.val_split), job.train.seq_len), args.sequences, args.batch_size
+    )
+    autocast = autocast_for(device, job.train.precision)
+    result = evaluate(model, batches, job.ttt, job.model.window_size, device, autocast)
+    report = {
+        "checkpoint": args.checkpoint,
+        "step": payload["state"]["step"],
+        "seq_len": job.train.seq_len,
+        "windows": result.windows,
+        "loss": result.loss,
+        "loss_past_window": result.loss_past_window,
+    }
+    curves = {"with TTT" if job.ttt.enabled else "model": result.loss_by_position}
+    if job.ttt.enabled and job.model.suffix_len:
+        static = evaluate(
+            model,
+            batches,
+            dataclasses.replace(job.ttt, enabled=False),
+            job.model.window_size,
+            device,
+            autocast,
+        )
+        report |= {"loss_no_ttt": static.loss, "loss_past_window_no_ttt": static.loss_past_window}
+        curves["TTT off"] = static.loss_by_position
+    if args.plot:
+        from ttt.tracking.plots import loss_by_position_plot
+
+        loss_by_position_plot(curves, job.model.window_size, Path(args.plot), f"{args.checkpoint}")
+        report["plot"] = args.plot
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from ttt.data.corpus import prepare
+    from ttt.data.tokenizer import load_tokenizer
+
+    meta = prepare(args.inputs, args.output, load_tokenizer(args.tokenizer, args.bos_token), args.val_every)
+    print(json.dumps({"output": args.output, **meta}, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ttt.demo import run_demo
+
+    return run_demo(args.root, args.tracking_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttt", description="TTT-E2E training platform")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("config", help="print a resolved config (preset or YAML, plus overrides)")
-    p.add_argument("source", help="preset name (see `ttt presets`) or path to a YAML config")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. --set ttt.mini_batch_size=512 (repeatable)",
-    )
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field, e.g. --set ttt.mini_batch_size=512 (repeatable)",
+        )
+
+    p = sub.add_parser("train", help="train a recipe, preset or YAML config (resumes a run of the same name)")
+    p.add_argument("source", help="recipe (see `ttt recipes`), preset, or path to a YAML config")
+    overrides(p)
+    p.add_argument("--run-name", help="name of the run and its directory (default: <recipe>-<time>)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under storage.root)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and loss by position of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file (.pt) or run directory, local or s3://")
+    p.add_argument("--data", help="dataset to evaluate on (default: the run's)")
+    p.add_argument("--seq-len", type=int, help="context length (default: the run's)")
+    p.add_argument("--sequences", type=int, default=256, help="validation windows (default 256)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--plot", help="write the loss-by-position plot to this PNG")
+    p.set_defaults(func=_cmd_eval)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize text files or folders into train/val token streams")
+    p.add_argument("inputs", nargs="+", help="text files or folders (each file is one document)")
+    p.add_argument("--output", required=True, help="dataset folder or s3:// prefix to write")
+    p.add_argument("--tokenizer", default="byte", help="'byte' (default) or a tokenizer.json / folder")
+    p.add_argument("--bos-token", default="<|begin_of_text|>", help="BOS token of a Hugging Face tokenizer")
+    p.add_argument("--val-every", type=int, default=20, help="hold out every N-th document (default 20)")
+    p.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("demo", help="train tiny TTT-E2E and its no-TTT ablation on CPU and compare them")
+    p.add_argument("--root", default="runs/demo", help="where the demo's runs go (default runs/demo)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under --root)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("config", help="print a resolved config (recipe, preset or YAML, plus overrides)")
+    p.add_argument("source", help="recipe, preset (see `ttt presets`) or path to a YAML config")
+    overrides(p)
     p.add_argument("--counts", action="store_true", help="print parameter and FLOP counts instead")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("presets", help="list the bundled model presets")
     p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("recipes", help="list the training recipes")
+    p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("parity", help="compare with a reference dump of the official implementation")
     p.add_argument("file", help="reference .npz in the golden-file format")
@@ -95,9 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head`
         return 0
+    except KeyboardInterrupt:
+        print("ttt: interrupted", file=sys.stderr)
+        return 130
     except cfgmod.ConfigError as exc:
         print(f"ttt: config error: {exc}", file=sys.stderr)
-    except (ValueError, OSError) as exc:
+    except (UserError, ValueError, OSError) as exc:
         print(f"ttt: error: {exc}", file=sys.stderr)
     return 2
 

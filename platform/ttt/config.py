@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,10 +25,12 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
+from ttt.errors import UserError
+
 _SECTION = ConfigDict(extra="forbid")
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A configuration value is wrong; `field` is its dotted path (e.g. ``ttt.mini_batch_size``)."""
 
     def __init__(self, field: str, message: str):
@@ -131,12 +134,68 @@ class OptimConfig:
 
 @dataclass(config=_SECTION, frozen=True)
 class TrainConfig:
-    """What one outer step consumes and how many there are."""
+    """What one outer step consumes, how many there are, and what happens around them."""
 
     seq_len: int = Field(8192, ge=1, description="Training context T; a multiple of ttt.mini_batch_size.")
     global_batch_size: int = Field(64, ge=1, description="Sequences per outer step, over all workers.")
     total_steps: int = Field(4800, ge=1, description="Outer steps.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per outer step (same global batch).")
     seed: int = Field(0, ge=0, description="Seed of the weight init and of the data order.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only after the last step).")
+    eval_sequences: int = Field(256, ge=1, description="Validation windows per evaluation.")
+    eval_batch_size: int = Field(8, ge=1, description="Validation windows per forward pass.")
+    checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept; older ones are deleted.")
+    init_from: str | None = Field(
+        None, description="Checkpoint whose weights start this run (fresh optimizer), e.g. for extension."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast on GPU, fp32 on CPU. Master weights stay fp32."
+    )
+    fail_at_step: int | None = Field(
+        None, ge=0, description="Drills and tests: fail on purpose before update N (off by default)."
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Accelerator peak for MFU; None: looked up from the GPU name."
+    )
+
+
+@dataclass(config=_SECTION, frozen=True)
+class DataConfig:
+    """Where the token streams come from."""
+
+    path: str = Field(
+        "bundled:stdlib",
+        description="A dataset directory or s3:// prefix with train/val token streams (.npy or zarr), or "
+        "'bundled:stdlib' (byte-level corpus built offline from the Python standard library).",
+    )
+    train_split: str = Field("train", description="Name of the training stream.")
+    val_split: str = Field("val", description="Name of the validation stream.")
+
+
+@dataclass(config=_SECTION, frozen=True)
+class StorageConfig:
+    """Where runs write: <root>/<run name>/ holds the resolved config and the checkpoints."""
+
+    root: str = Field("runs", description="Local directory or s3://bucket/prefix.")
+
+
+@dataclass(config=_SECTION, frozen=True)
+class TrackingConfig:
+    """MLflow: one run per training run."""
+
+    uri: str | None = Field(
+        None, description="Tracking URI; None: sqlite at <storage.root>/mlflow.db (local roots only)."
+    )
+    experiment: str = Field("ttt-e2e", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(
+        None, description="Names the run and its directory; an existing run of this name is resumed."
+    )
+    baseline_run_id: str | None = Field(
+        None, description="MLflow run whose loss-by-position curve the plot shows next to this run's."
+    )
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory usage alongside the metrics.")
 
 
 @dataclass(config=_SECTION, frozen=True)
@@ -145,6 +204,9 @@ class JobConfig:
     ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len % self.ttt.mini_batch_size:
@@ -156,6 +218,12 @@ class JobConfig:
             raise ConfigError(
                 "ttt.enabled",
                 "test-time training needs prime MLPs: set model.suffix_len >= 1 or ttt.enabled=false",
+            )
+        micro = self.train.grad_accum_steps
+        if self.train.global_batch_size % micro:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.train.global_batch_size} is not divisible by train.grad_accum_steps {micro}",
             )
         if self.optim.warmup_steps >= self.train.total_steps:
             raise ConfigError(
@@ -239,16 +307,32 @@ def dump(cfg: JobConfig, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 
+def recipe_dirs() -> list[Path]:
+    """Where `ttt train NAME` looks for NAME.yaml: $TTT_RECIPES_DIR, then the source tree's jobs/recipes."""
+    dirs = [Path(p) for p in os.environ.get("TTT_RECIPES_DIR", "").split(os.pathsep) if p]
+    return [*dirs, Path(__file__).resolve().parents[2] / "jobs" / "recipes"]
+
+
+def recipe_names() -> list[str]:
+    return sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def find_recipe(name: str) -> Path | None:
+    return next((d / f"{name}.yaml" for d in recipe_dirs() if (d / f"{name}.yaml").is_file()), None)
+
+
 def resolve(source: str, overrides: Iterable[str] = ()) -> JobConfig:
-    """A preset name or a YAML path, then `key=value` overrides."""
-    if source in preset_names():
-        cfg = preset(source)
-    elif source.endswith((".yaml", ".yml")) or Path(source).exists():
+    """A recipe name, a preset name or a YAML path, then `key=value` overrides."""
+    if source.endswith((".yaml", ".yml")) or "/" in source:
         cfg = load(source)
+    elif (recipe := find_recipe(source)) is not None:
+        cfg = load(recipe)
+    elif source in preset_names():
+        cfg = preset(source)
     else:
-        close = difflib.get_close_matches(source, preset_names(), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError("config", f"'{source}' is neither a preset nor a YAML file{hint}")
+        close = difflib.get_close_matches(source, recipe_names() + preset_names(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; `ttt recipes` lists them"
+        raise ConfigError("config", f"'{source}' is neither a recipe, a preset nor a YAML file{hint}")
     return apply_overrides(cfg, overrides)
 
 

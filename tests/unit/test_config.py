@@ -65,9 +65,9 @@ def test_yaml_can_start_from_a_preset(tmp_path):
 def test_flatten_gives_dotted_keys():
     flat = c.flatten(c.preset("tiny"))
     assert flat["ttt.mini_batch_size"] == 32 and flat["model.window_size"] == 64
-    assert len(flat) == sum(
-        len(dataclasses.fields(s)) for s in (c.ModelConfig, c.TTTConfig, c.OptimConfig, c.TrainConfig)
-    )
+    sections = [getattr(c.JobConfig(), f.name) for f in dataclasses.fields(c.JobConfig)]
+    assert len(flat) == sum(len(dataclasses.fields(s)) for s in sections)
+    assert flat["tracking.run_name"] is None and flat["data.path"] == "bundled:stdlib"
 
 
 @pytest.mark.parametrize(
@@ -86,6 +86,12 @@ def test_flatten_gives_dotted_keys():
         (["model.bos_token_id=300"], "model.bos_token_id", "outside the vocabulary"),
         (["ttt"], "ttt", "section.field=value"),
         (["ttt=3"], "ttt", "is a section"),
+        (
+            ["train.grad_accum_steps=3"],
+            "train.global_batch_size",
+            "not divisible by train.grad_accum_steps 3",
+        ),
+        (["train.precision=fp16"], "train.precision", "'auto', 'fp32' or 'bf16'"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field, words):

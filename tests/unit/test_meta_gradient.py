@@ -153,3 +153,17 @@ def test_bad_shapes_are_refused():
         sequence_loss(model, inputs[:, :-1], targets[:, :-1], job.ttt)
     with pytest.raises(ValueError, match=r"\[batch, seq_len\]"):
         sequence_loss(model, inputs, targets[:1], job.ttt)
+
+
+def test_zero_inner_lr_gives_the_no_ttt_gradient():
+    # With η_in = 0 the meta objective is the ablation's objective, so their gradients must agree: the two
+    # code paths (inner loop over chunks vs one full-sequence pass) train the same thing.
+    job = small_job(24, "ttt.inner_lr=0", "ttt.inner_lr_init=0")
+    model = random_model(job, dtype=torch.float64)
+    inputs, targets = random_batch(job)
+    params = list(model.parameters())
+    meta = torch.autograd.grad(sequence_loss(model, inputs, targets, job.ttt).loss, params)
+    static_cfg = dataclasses.replace(job.ttt, enabled=False)
+    static = torch.autograd.grad(sequence_loss(model, inputs, targets, static_cfg).loss, params)
+    for a, b in zip(meta, static, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

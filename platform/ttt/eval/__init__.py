@@ -1,0 +1,1 @@
+"""Evaluation: validation loss and loss by position within the context."""

@@ -1,0 +1,66 @@
+"""Validation loss and loss by position within the context.
+
+TTT-E2E is evaluated the way it is used: under no_grad the inner loop still takes its steps, so positions
+late in the context are predicted by weights adapted to everything before them. The loss by position is the
+masked mean NLL at each position over the validation windows; `loss_past_window` averages positions ≥ W,
+which a sliding-window model can only get right through what TTT stored in its weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ttt.config import TTTConfig
+from ttt.data.loader import split_tokens
+from ttt.model.transformer import Transformer
+from ttt.model.ttt import sequence_loss
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    """Mean over windows of the mean over mini-batches of the masked loss (the training objective)."""
+    loss_past_window: float | None
+    """Masked mean NLL over positions ≥ W (None when the context is not longer than the window)."""
+    loss_by_position: list[float]
+    windows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    batches: Sequence[torch.Tensor],
+    ttt: TTTConfig,
+    window: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    nll_sum = count = None
+    loss_sum, windows = 0.0, 0
+    for tokens in batches:
+        inputs, targets = (t.to(device) for t in split_tokens(tokens, model.config.vocab_size))
+        mask = targets != model.config.bos_token_id
+        with autocast():
+            out = sequence_loss(model, inputs, targets, ttt, loss_mask=mask)
+        masked = out.token_nll.double() * mask
+        nll_sum = masked.sum(0) if nll_sum is None else nll_sum + masked.sum(0)
+        count = mask.sum(0) if count is None else count + mask.sum(0)
+        loss_sum += float(out.chunk_losses.double().mean(1).sum())
+        windows += inputs.shape[0]
+    model.train(was_training)
+    by_position = (nll_sum / count.clamp(min=1)).tolist()
+    past = None
+    if len(by_position) > window:
+        past = float(nll_sum[window:].sum() / count[window:].sum().clamp(min=1))
+    return EvalResult(
+        loss=loss_sum / windows, loss_past_window=past, loss_by_position=by_position, windows=windows
+    )

@@ -1,0 +1,1 @@
+"""Experiment tracking with MLflow (rank 0 only)."""

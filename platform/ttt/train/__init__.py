@@ -1,0 +1,1 @@
+"""Training: the outer optimiser and schedule, checkpoints, and the training run itself."""

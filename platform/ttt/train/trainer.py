@@ -1,0 +1,385 @@
+"""The training run: data → meta-learning steps → evaluation, checkpoints and MLflow.
+
+`Trainer(job, run_name).fit()` is the whole run, the same on a laptop and (wrapped by Ray Train) on a
+cluster. A run lives in <storage.root>/<run name>/; if that directory already holds a checkpoint the run
+continues from it, with the same data order, RNG state and MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ttt.config import JobConfig, flatten, to_yaml
+from ttt.data import Samples, TrainBatches, open_dataset, split_tokens, validation_batches
+from ttt.data.streams import DataError
+from ttt.errors import UserError
+from ttt.eval.position import EvalResult, evaluate
+from ttt.model.counting import flops_per_token
+from ttt.model.transformer import Transformer
+from ttt.model.ttt import inner_lr_at, sequence_loss
+from ttt.storage import join, open_storage
+from ttt.tracking.logger import CURVE_ARTIFACT, Tracker
+from ttt.tracking.plots import loss_by_position_plot
+from ttt.train.checkpoint import Checkpointer, CheckpointError, load_checkpoint, rng_state, set_rng_state
+from ttt.train.schedule import build_optimizer
+
+# Dense bf16 peak of common accelerators, for MFU when train.peak_tflops is not given.
+_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
+
+
+class DivergedError(UserError):
+    pass
+
+
+class InjectedFailure(RuntimeError):
+    """Raised on purpose by train.fail_at_step."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Outer updates done."""
+    data_position: int = 0
+    """Global batches consumed."""
+    tokens_seen: int = 0
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class RunResult:
+    run_name: str
+    run_dir: str
+    mlflow_run_id: str | None
+    tracking_uri: str
+    steps: int
+    last_checkpoint: str | None
+    final_eval: EvalResult | None
+    final_eval_no_ttt: EvalResult | None
+    train_seconds: float
+    plot: str | None
+
+
+def variant_label(job: JobConfig) -> str:
+    if job.model.suffix_len and job.ttt.enabled:
+        return "TTT-E2E"
+    if job.model.suffix_len:
+        return "no-TTT ablation"
+    return "full attention" if job.model.attention == "full" else "sliding window"
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' was asked for but no CUDA device is visible")
+    return torch.device(
+        "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in _PEAK_TFLOPS.items() if key in name), None)
+
+
+class Trainer:
+    def __init__(
+        self, job: JobConfig, run_name: str, *, rank: int = 0, world_size: int = 1, progress: bool = True
+    ):
+        self.job = job
+        self.run_name = run_name
+        self.rank = rank
+        self.world_size = world_size
+        self.progress = progress and rank == 0
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def _check_vocab(self, meta: dict) -> None:
+        model = self.job.model
+        vocab = meta.get("vocab_size")
+        if vocab is not None and vocab > model.vocab_size:
+            raise DataError(
+                f"data.path: the dataset's tokenizer has {vocab} ids, "
+                f"more than model.vocab_size {model.vocab_size}"
+            )
+        bos = meta.get("bos_token_id")
+        if bos is not None and bos != model.bos_token_id:
+            raise DataError(
+                f"data.path: the dataset's BOS id is {bos}, model.bos_token_id is {model.bos_token_id}"
+            )
+
+    def fit(self) -> RunResult:
+        job, cfg = self.job, self.job.train
+        storage = open_storage(join(job.storage.root, self.run_name))
+        storage.check_writable()
+        device = resolve_device(cfg.device)
+        autocast = autocast_for(device, cfg.precision)
+
+        dataset = open_dataset(job.data.path, (job.data.train_split, job.data.val_split))
+        self._check_vocab(dataset.meta)
+        train = TrainBatches(
+            Samples(dataset.split(job.data.train_split), cfg.seq_len),
+            cfg.global_batch_size,
+            cfg.seed,
+            self.rank,
+            self.world_size,
+        )
+        val = validation_batches(
+            Samples(dataset.split(job.data.val_split), cfg.seq_len),
+            cfg.eval_sequences,
+            cfg.eval_batch_size,
+            self.rank,
+            self.world_size,
+        )
+
+        torch.manual_seed(cfg.seed)
+        model = Transformer(job.model).to(device)
+        optimizer, scheduler = build_optimizer(model, job.optim, cfg.total_steps)
+        checkpointer = Checkpointer(storage, cfg.keep_checkpoints)
+        state = TrainState()
+        last_checkpoint = None
+        if (latest := checkpointer.latest()) is not None:
+            payload = checkpointer.load(latest)
+            self._restore(payload, model, optimizer, scheduler)
+            state = TrainState(**payload["state"])
+            last_checkpoint = storage.describe(f"checkpoints/step-{latest:08d}.pt")
+        elif cfg.init_from:
+            self._load_weights(load_checkpoint(cfg.init_from)["model"], model, cfg.init_from)
+
+        tracker = Tracker(job.tracking, job.storage.root, enabled=self.rank == 0)
+        state.mlflow_run_id = tracker.start(
+            state.mlflow_run_id,
+            self.run_name,
+            flatten(job),
+            {"ttt.variant": variant_label(job), "ttt.run_dir": storage.uri},
+        )
+        storage.write_bytes("config.yaml", to_yaml(job).encode())
+        tracker.log_text(to_yaml(job), "config.yaml")
+
+        def save() -> str:
+            payload = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": dataclasses.asdict(state),
+                "rng": rng_state(),
+                "config": job.to_dict(),
+            }
+            uri = checkpointer.save(payload, state.step)
+            tracker.set_tags({"ttt.checkpoint": uri})
+            return uri
+
+        start = time.perf_counter()
+        try:
+            last_checkpoint = self._loop(
+                model,
+                optimizer,
+                scheduler,
+                train,
+                val,
+                state,
+                tracker,
+                autocast,
+                device,
+                save,
+                last_checkpoint,
+            )
+            train_seconds = time.perf_counter() - start
+            final, final_no_ttt, plot = self._final_eval(model, val, device, autocast, state, tracker)
+        except DivergedError:
+            tracker.end("FAILED")
+            raise
+        except BaseException:
+            tracker.end("KILLED")
+            raise
+        tracker.log_text(
+            json.dumps({"latest": last_checkpoint, "run_dir": storage.uri}, indent=2), "checkpoints.json"
+        )
+        result = RunResult(
+            run_name=self.run_name,
+            run_dir=storage.uri,
+            mlflow_run_id=state.mlflow_run_id,
+            tracking_uri=tracker.uri,
+            steps=state.step,
+            last_checkpoint=last_checkpoint,
+            final_eval=final,
+            final_eval_no_ttt=final_no_ttt,
+            train_seconds=train_seconds,
+            plot=plot,
+        )
+        tracker.end("FINISHED")
+        return result
+
+    @staticmethod
+    def _restore(payload: dict, model, optimizer, scheduler) -> None:
+        try:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"the run's checkpoint does not fit this config: {str(exc).splitlines()[0]}"
+            ) from None
+        set_rng_state(payload["rng"])
+
+    @staticmethod
+    def _load_weights(weights: dict, model, where: str) -> None:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"train.init_from: {where} does not fit this model: {str(exc).splitlines()[0]}"
+            ) from None
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _loop(self, model, optimizer, scheduler, train, val, state, tracker, autocast, device, save, last):
+        job, cfg = self.job, self.job.train
+        tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        micro = train.local_batch // cfg.grad_accum_steps
+        flops = flops_per_token(job.model, cfg.seq_len, job.ttt.enabled, job.ttt.checkpoint).train
+        peak = peak_flops(device, cfg.peak_tflops)
+        progress = _Progress(cfg.total_steps, state.step, self.progress)
+        while state.step < cfg.total_steps:
+            step, began = state.step, time.perf_counter()
+            if cfg.fail_at_step is not None and step == cfg.fail_at_step:
+                raise InjectedFailure(f"train.fail_at_step: failing on purpose before update {step}")
+            loss = 0.0
+            for part in train.batch(state.data_position).split(micro):
+                inputs, targets = (t.to(device) for t in split_tokens(part, job.model.vocab_size))
+                with autocast():
+                    out = sequence_loss(model, inputs, targets, job.ttt, step=step)
+                (out.loss / cfg.grad_accum_steps).backward()
+                loss += out.loss.item() / cfg.grad_accum_steps
+            clip = job.optim.grad_clip if job.optim.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                where = (
+                    last if state.step == 0 else save()
+                )  # the weights are still those of the last good step
+                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+                raise DivergedError(f"{what} at step {step}: training stopped; last good checkpoint: {where}")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.data_position += 1
+            state.tokens_seen += tokens_per_step
+            seconds = time.perf_counter() - began
+            metrics = {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_second": tokens_per_step / seconds,
+                "train/step_seconds": seconds,
+            }
+            if job.ttt.enabled and job.model.suffix_len:
+                metrics["train/inner_lr"] = inner_lr_at(job.ttt, step)
+            if peak:
+                metrics["train/mfu"] = flops * tokens_per_step / seconds / peak
+            tracker.log_metrics(metrics, step)
+            progress.update(loss, tokens_per_step / seconds)
+            done = state.step == cfg.total_steps
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
+                result = evaluate(model, val, job.ttt, job.model.window_size, device, autocast)
+                tracker.log_metrics(
+                    {"val/loss": result.loss, "val/loss_past_window": result.loss_past_window}, step
+                )
+            if state.step % cfg.checkpoint_every == 0 or done:
+                last = save()
+        progress.close()
+        return last
+
+    def _final_eval(self, model, val, device, autocast, state, tracker):
+        job = self.job
+        step = max(state.step - 1, 0)
+        final = evaluate(model, val, job.ttt, job.model.window_size, device, autocast)
+        metrics = {"val/loss": final.loss, "val/loss_past_window": final.loss_past_window}
+        curves = {f"{self.run_name} ({variant_label(job)})": final.loss_by_position}
+        no_ttt = None
+        if job.ttt.enabled and job.model.suffix_len:
+            # The same weights without test-time updates: how much of the gain is adaptation at test time.
+            static = dataclasses.replace(job.ttt, enabled=False)
+            no_ttt = evaluate(model, val, static, job.model.window_size, device, autocast)
+            metrics |= {
+                "val/loss_no_ttt": no_ttt.loss,
+                "val/loss_past_window_no_ttt": no_ttt.loss_past_window,
+            }
+            curves[f"{self.run_name}, TTT off at eval"] = no_ttt.loss_by_position
+        tracker.log_metrics(metrics, step)
+        if job.tracking.baseline_run_id and (baseline := tracker.curve_of(job.tracking.baseline_run_id)):
+            curves[f"{baseline[0]} (baseline)"] = baseline[1]
+        if not tracker.run_id:
+            return final, no_ttt, None
+        plot_dir = Path(tempfile.mkdtemp(prefix="ttt-plot-"))
+        tracker.log_text(
+            json.dumps(
+                {
+                    "loss_by_position": final.loss_by_position,
+                    "window": job.model.window_size,
+                    "label": variant_label(job),
+                    "windows": final.windows,
+                }
+            ),
+            CURVE_ARTIFACT,
+        )
+        title = f"{self.run_name}: validation loss by position ({final.windows} windows)"
+        plot = loss_by_position_plot(curves, job.model.window_size, plot_dir / "loss_by_position.png", title)
+        tracker.log_artifact(plot, "eval")
+        return final, no_ttt, f"eval/{plot.name}"
+
+
+class _Progress:
+    """A tqdm bar on a terminal; periodic plain lines otherwise (pod logs, CI)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total
+        self.step = self.initial = initial
+        self.bar = None
+        self.started = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, loss: float, tokens_per_second: float) -> None:
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+        elif self.enabled and (self.step % max(1, self.total // 20) == 0 or self.step == self.total):
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / (self.step - self.initial) * (self.total - self.step)
+            print(
+                f"step {self.step}/{self.total} loss {loss:.4f} tok/s {tokens_per_second:,.0f} "
+                f"elapsed {elapsed:.0f}s eta {eta:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
