@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN
+from tests.helpers import GOLDEN
 from ttt.config import ConfigError
 from ttt.model import official
 from ttt.model.ttt import inner_lr_at, sequence_loss

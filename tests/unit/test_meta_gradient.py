@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ttt.model.ttt as ttt_loop
-from conftest import random_batch, random_model, small_job
+from tests.helpers import random_batch, random_model, small_job
 from ttt.model.ttt import sequence_loss
 
 # T = 24 > W = 8, six inner steps of b = 4, clip 2.5 between the smallest and largest inner-gradient norms.

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import random_batch, random_model, small_job
+from tests.helpers import random_batch, random_model, small_job
 from ttt.config import preset
 from ttt.model.attention import fused_attention, materialized_attention, window_mask
 from ttt.model.layers import RMSNorm, RotaryTable, apply_rope

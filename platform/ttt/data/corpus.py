@@ -15,7 +15,32 @@ import numpy as np
 from ttt.data.streams import DataError, cache_dir, upload_dataset, write_dataset
 from ttt.data.tokenizer import ByteTokenizer, Tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".csv", ".html", ".tex")
+# Files in a folder that count as documents (a file named explicitly always counts).
+TEXT_SUFFIXES = (
+    ".txt",
+    ".md",
+    ".rst",
+    ".tex",
+    ".html",
+    ".xml",
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".py",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".rs",
+    ".go",
+    ".java",
+    ".js",
+    ".ts",
+    ".sh",
+)
 
 
 def find_documents(inputs: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:

@@ -52,6 +52,7 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        quiet_mlflow()  # mlflow sets its own log level when first imported
         self._check_reachable()
         if self.artifact_location:
             Path(self.artifact_location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
@@ -168,7 +169,8 @@ class Tracker:
 def quiet_mlflow() -> None:
     """Fewer retries against a dead server (the default backs off for minutes), no git lookups, no
     INFO chatter or download bars between our own progress lines."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from conftest import GOLDEN
+from tests.helpers import GOLDEN
 
 
 def ttt(*args: str) -> subprocess.CompletedProcess:

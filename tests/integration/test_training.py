@@ -1,0 +1,169 @@
+"""The training run against real services: an `mlflow server` process and moto's S3 API."""
+
+from __future__ import annotations
+
+import math
+
+import boto3
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import ttt.train.trainer as trainer_module
+from tests.integration.services import ROOT, TINY
+from ttt.config import resolve
+from ttt.data.corpus import prepare
+from ttt.data.tokenizer import ByteTokenizer
+from ttt.train.checkpoint import load_checkpoint
+from ttt.train.trainer import DivergedError, InjectedFailure, Trainer
+
+
+def tiny_job(*extra: str):
+    return resolve("tiny", [*TINY, *extra])
+
+
+def assert_same_tensors(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_resume_continues_exactly_in_the_same_mlflow_run(tmp_path, text_dataset, mlflow_server):
+    common = [
+        f"data.path={text_dataset}",
+        f"storage.root={tmp_path}",
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=resume",
+    ]
+    straight = Trainer(tiny_job(*common), "straight", progress=False).fit()
+
+    # Fail after four updates; the newest checkpoint holds three, so the resumed run redoes one step.
+    with pytest.raises(InjectedFailure):
+        Trainer(tiny_job(*common, "train.fail_at_step=4"), "resumed", progress=False).fit()
+    client = MlflowClient(mlflow_server)
+    [first] = client.search_runs(
+        [client.get_experiment_by_name("resume").experiment_id], "run_name = 'resumed'"
+    )
+    assert first.info.status == "KILLED"
+    resumed = Trainer(tiny_job(*common), "resumed", progress=False).fit()
+
+    assert resumed.mlflow_run_id == first.info.run_id
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+    a, b = load_checkpoint(f"{tmp_path}/straight"), load_checkpoint(f"{tmp_path}/resumed")
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    assert a["state"]["data_position"] == b["state"]["data_position"] == 6
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["optimizer"], b["optimizer"])
+    assert a["scheduler"] == b["scheduler"]
+
+    history = {
+        run: client.get_metric_history(run, "train/loss")
+        for run in (straight.mlflow_run_id, resumed.mlflow_run_id)
+    }
+    for metrics in history.values():
+        assert sorted(m.step for m in metrics) == list(range(6))  # no gaps, no duplicates
+    by_step = [{m.step: m.value for m in metrics} for metrics in history.values()]
+    assert by_step[0] == by_step[1]
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    job = tiny_job(
+        f"data.path={text_dataset}",
+        f"storage.root={tmp_path}",
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=artifacts",
+        "tracking.system_metrics=true",
+        "train.total_steps=12",
+        "train.eval_every=6",
+    )
+    result = Trainer(job, "full", progress=False).fit()
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["ttt.mini_batch_size"] == "16" and run.data.params["model.window_size"] == "16"
+    assert run.data.tags["ttt.variant"] == "TTT-E2E"
+    assert run.data.tags["ttt.checkpoint"].endswith("checkpoints/step-00000012.pt")
+    metrics = set(run.data.metrics)
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/inner_lr",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "val/loss",
+        "val/loss_past_window",
+        "val/loss_no_ttt",
+    } <= metrics
+    assert any(m.startswith("system/") for m in metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [5, 11]
+    lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(job.optim.lr)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {
+        "config.yaml",
+        "checkpoints.json",
+        "eval/loss_by_position.png",
+        "eval/loss_by_position.json",
+    } <= artifacts
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_dataset, monkeypatch):
+    real = trainer_module.sequence_loss
+
+    def poisoned(model, inputs, targets, ttt, step=None, **kwargs):
+        out = real(model, inputs, targets, ttt, step=step, **kwargs)
+        if step == 4:
+            out.loss = out.loss * math.nan
+        return out
+
+    monkeypatch.setattr(trainer_module, "sequence_loss", poisoned)
+    common = [f"data.path={text_dataset}", f"storage.root={tmp_path}"]
+    with pytest.raises(
+        DivergedError,
+        match=r"loss nan at step 4: training stopped; last good checkpoint: .*step-00000004\.pt",
+    ):
+        Trainer(tiny_job(*common), "diverges", progress=False).fit()
+    good = load_checkpoint(f"{tmp_path}/diverges")
+    assert good["state"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in good["model"].values())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("ttt-e2e").experiment_id])
+    assert run.info.status == "FAILED"
+
+    monkeypatch.setattr(trainer_module, "sequence_loss", real)
+    assert Trainer(tiny_job(*common), "diverges", progress=False).fit().steps == 6
+
+
+def test_s3_dataset_and_checkpoints(tmp_path, s3_bucket):
+    data = f"s3://{s3_bucket}/data/code"
+    prepare([str(ROOT / "platform" / "ttt")], data, ByteTokenizer(), val_every=5)
+    common = [
+        f"data.path={data}",
+        f"storage.root=s3://{s3_bucket}/runs",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    with pytest.raises(InjectedFailure):
+        Trainer(tiny_job(*common, "train.fail_at_step=4"), "on-s3", progress=False).fit()
+    result = Trainer(tiny_job(*common), "on-s3", progress=False).fit()
+    assert result.last_checkpoint == f"s3://{s3_bucket}/runs/on-s3/checkpoints/step-00000006.pt"
+    pages = (
+        boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="runs/on-s3/")
+    )
+    keys = {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+    assert keys == {
+        "runs/on-s3/config.yaml",
+        "runs/on-s3/checkpoints/step-00000003.pt",
+        "runs/on-s3/checkpoints/step-00000006.pt",
+    }
+    payload = load_checkpoint(f"s3://{s3_bucket}/runs/on-s3")
+    assert payload["state"]["step"] == 6 and payload["state"]["mlflow_run_id"] == result.mlflow_run_id
