@@ -1,16 +1,18 @@
-# Two commands for a newcomer: `make test` (and, from the next milestone, `make demo`).
-# Both install what they need into .venv first.
+# Two commands for a newcomer: `make demo` and `make test`. Both install what they need into .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format bench clean
+.PHONY: install demo test lint format bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml infra/install-venv.sh
 	infra/install-venv.sh $(VENV) dev
 	@touch $@
+
+demo: install
+	$(VENV)/bin/ttt demo
 
 test: install
 	$(PY) -m pytest -q
