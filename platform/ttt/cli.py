@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -118,55 +117,22 @@ def format_result(result) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ttt.data import Samples, open_dataset, validation_batches
-    from ttt.eval.position import evaluate
-    from ttt.model.transformer import Transformer
-    from ttt.train.checkpoint import CheckpointError, load_checkpoint
-    from ttt.train.trainer import autocast_for, resolve_device
+    from ttt.eval.position import evaluate_checkpoint
 
-    payload = load_checkpoint(args.checkpoint)
-    overrides = [f"train.seq_len={args.seq_len}"] if args.seq_len else []
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    try:
-        job = cfgmod.JobConfig.from_dict(payload["config"]).with_overrides(overrides)
-    except KeyError:
-        raise CheckpointError(f"{args.checkpoint} holds no config") from None
-    device = resolve_device(args.device)
-    model = Transformer(job.model).to(device)
-    model.load_state_dict(payload["model"])
-    dataset = open_dataset(job.data.path, (job.data.val_split,))
-    batches = validation_batches(
-        Samples(dataset.split(job.data.val_split), job.train.seq_len), args.sequences, args.batch_size
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        seq_len=args.seq_len,
+        sequences=args.sequences,
+        batch_size=args.batch_size,
+        device=args.device,
     )
-    autocast = autocast_for(device, job.train.precision)
-    result = evaluate(model, batches, job.ttt, job.model.window_size, device, autocast)
-    report = {
-        "checkpoint": args.checkpoint,
-        "step": payload["state"]["step"],
-        "seq_len": job.train.seq_len,
-        "windows": result.windows,
-        "loss": result.loss,
-        "loss_past_window": result.loss_past_window,
-    }
-    curves = {"with TTT" if job.ttt.enabled else "model": result.loss_by_position}
-    if job.ttt.enabled and job.model.suffix_len:
-        static = evaluate(
-            model,
-            batches,
-            dataclasses.replace(job.ttt, enabled=False),
-            job.model.window_size,
-            device,
-            autocast,
-        )
-        report |= {"loss_no_ttt": static.loss, "loss_past_window_no_ttt": static.loss_past_window}
-        curves["TTT off"] = static.loss_by_position
     if args.plot:
         from ttt.tracking.plots import loss_by_position_plot
 
-        loss_by_position_plot(curves, job.model.window_size, Path(args.plot), f"{args.checkpoint}")
-        report["plot"] = args.plot
-    print(json.dumps(report, indent=2))
+        loss_by_position_plot(result.curves, result.window, Path(args.plot), args.checkpoint)
+        result.report["plot"] = args.plot
+    print(json.dumps(result.report, indent=2))
     return 0
 
 

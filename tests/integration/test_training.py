@@ -53,7 +53,7 @@ def test_resume_continues_exactly_in_the_same_mlflow_run(tmp_path, text_dataset,
     [first] = client.search_runs(
         [client.get_experiment_by_name("resume").experiment_id], "run_name = 'resumed'"
     )
-    assert first.info.status == "KILLED"
+    assert first.info.status == "FAILED"
     resumed = Trainer(tiny_job(*common), "resumed", progress=False).fit()
 
     assert resumed.mlflow_run_id == first.info.run_id
@@ -85,6 +85,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, m
         "tracking.system_metrics=true",
         "train.total_steps=12",
         "train.eval_every=6",
+        "train.peak_tflops=1",
     )
     result = Trainer(job, "full", progress=False).fit()
     client = MlflowClient(mlflow_server)
@@ -104,6 +105,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, m
         "val/loss_no_ttt",
     } <= metrics
     assert any(m.startswith("system/") for m in metrics)
+    assert "train/mfu" in metrics  # logged whenever the accelerator's peak is known
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [5, 11]
     lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
     assert lr[0] == 0.0 and lr[1] == pytest.approx(job.optim.lr)
@@ -115,6 +117,21 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, m
         "eval/loss_by_position.png",
         "eval/loss_by_position.json",
     } <= artifacts
+
+
+def test_gradient_accumulation_keeps_the_update(tmp_path, text_dataset):
+    common = [
+        f"data.path={text_dataset}",
+        f"storage.root={tmp_path}",
+        "train.total_steps=2",
+        "train.global_batch_size=4",
+        "train.checkpoint_every=2",
+    ]
+    Trainer(tiny_job(*common), "whole", progress=False).fit()
+    Trainer(tiny_job(*common, "train.grad_accum_steps=2"), "accumulated", progress=False).fit()
+    a, b = (load_checkpoint(f"{tmp_path}/{name}")["model"] for name in ("whole", "accumulated"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_dataset, monkeypatch):
@@ -167,3 +184,24 @@ def test_s3_dataset_and_checkpoints(tmp_path, s3_bucket):
     }
     payload = load_checkpoint(f"s3://{s3_bucket}/runs/on-s3")
     assert payload["state"]["step"] == 6 and payload["state"]["mlflow_run_id"] == result.mlflow_run_id
+
+
+def test_zarr_dataset_on_s3(tmp_path, s3_bucket):
+    import numpy as np
+    import zarr
+
+    from ttt.data import open_dataset
+
+    tokens = (np.arange(5000) % 257).astype(np.uint16)
+    for split in ("train", "val"):
+        array = zarr.open(
+            str(tmp_path / "z" / split), mode="w", shape=tokens.shape, dtype=tokens.dtype, chunks=(512,)
+        )
+        array[:] = tokens
+    s3 = boto3.client("s3")
+    for path in (tmp_path / "z").rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), s3_bucket, f"zarr-data/{path.relative_to(tmp_path / 'z')}")
+    dataset = open_dataset(f"s3://{s3_bucket}/zarr-data")
+    assert np.array_equal(dataset.split("train")[1000:1100], tokens[1000:1100].astype(np.int64))
+    assert len(dataset.split("val")) == 5000

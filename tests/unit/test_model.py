@@ -137,3 +137,16 @@ def test_every_mode_trains_from_the_same_entry_point(variant):
     assert (out.inner_grad_norms is not None) == (variant == "e2e")
     has_prime = any(b.has_prime for b in model.layers)
     assert has_prime == (variant in ("e2e", "nottt"))
+
+
+def test_bf16_autocast_keeps_second_order_and_fp32_gradients():
+    job = small_job(24, "ttt.inner_clip=2.5")
+    model = random_model(job)
+    inputs, targets = random_batch(job)
+    reference = sequence_loss(model, inputs, targets, job.ttt).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sequence_loss(model, inputs, targets, job.ttt)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32  # losses are computed from fp32-upcast logits
+    assert out.loss.item() == pytest.approx(reference.item(), rel=2e-2)
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())

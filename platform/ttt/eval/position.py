@@ -9,6 +9,7 @@ which a sliding-window model can only get right through what TTT stored in its w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -64,3 +65,58 @@ def evaluate(
     return EvalResult(
         loss=loss_sum / windows, loss_past_window=past, loss_by_position=by_position, windows=windows
     )
+
+
+@dataclass
+class CheckpointEval:
+    report: dict
+    curves: dict[str, list[float]]
+    window: int
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    data: str | None = None,
+    seq_len: int | None = None,
+    sequences: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> CheckpointEval:
+    """Validation loss and loss by position of a checkpoint (file or run directory, local or s3://), on
+    its run's validation split or on `data`, at its training context or at `seq_len`; for a TTT model
+    also with test-time training switched off."""
+    from ttt.config import JobConfig
+    from ttt.data import Samples, open_dataset, validation_batches
+    from ttt.train.checkpoint import load_checkpoint
+    from ttt.train.device import autocast_for, resolve_device
+
+    payload = load_checkpoint(checkpoint)
+    overrides = ([f"train.seq_len={seq_len}"] if seq_len else []) + ([f"data.path={data}"] if data else [])
+    job = JobConfig.from_dict(payload["config"]).with_overrides(overrides)
+    target = resolve_device(device)
+    model = Transformer(job.model).to(target)
+    model.load_state_dict(payload["model"])
+    dataset = open_dataset(job.data.path, (job.data.val_split,))
+    batches = validation_batches(
+        Samples(dataset.split(job.data.val_split), job.train.seq_len), sequences, batch_size
+    )
+    autocast = autocast_for(target, job.train.precision)
+    window = job.model.window_size
+    result = evaluate(model, batches, job.ttt, window, target, autocast)
+    report = {
+        "checkpoint": checkpoint,
+        "step": payload["state"]["step"],
+        "seq_len": job.train.seq_len,
+        "windows": result.windows,
+        "loss": result.loss,
+        "loss_past_window": result.loss_past_window,
+    }
+    curves = {"with TTT" if job.ttt.enabled else "model": result.loss_by_position}
+    if job.ttt.enabled and job.model.suffix_len:
+        static = evaluate(
+            model, batches, dataclasses.replace(job.ttt, enabled=False), window, target, autocast
+        )
+        report |= {"loss_no_ttt": static.loss, "loss_past_window_no_ttt": static.loss_past_window}
+        curves["TTT off"] = static.loss_by_position
+    return CheckpointEval(report, curves, window)

@@ -24,21 +24,25 @@ class TrackingError(UserError):
     pass
 
 
-def default_tracking_uri(storage_root: str) -> tuple[str, str | None]:
-    """sqlite under the (local) runs root, with artifacts beside it; for an S3 root, under ./runs."""
+def default_tracking_uri(storage_root: str) -> str:
+    """sqlite under the (local) runs root; for an S3 root, under ./runs."""
     root = Path("runs" if storage_root.startswith("s3://") else storage_root).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def sqlite_artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite-backed store go beside the database (MLflow would use ./mlruns)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 class Tracker:
     def __init__(self, cfg: TrackingConfig, storage_root: str, enabled: bool = True):
         self.cfg = cfg
         self.enabled = enabled
-        self.artifact_location = None
-        if cfg.uri:
-            self.uri = cfg.uri
-        else:
-            self.uri, self.artifact_location = default_tracking_uri(storage_root)
+        self.uri = cfg.uri or default_tracking_uri(storage_root)
+        self.artifact_location = sqlite_artifact_location(self.uri)
         self.run_id: str | None = None
         self._last_step: dict[str, int] = {}
 

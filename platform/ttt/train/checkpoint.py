@@ -61,7 +61,11 @@ def _decode(data: bytes, where: str) -> dict:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {where} is corrupt or unreadable ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != FORMAT
+        or not {"model", "config", "state"} <= set(payload)
+    ):
         raise CheckpointError(f"{where} is not a ttt-platform checkpoint")
     return payload
 

@@ -7,14 +7,12 @@ continues from it, with the same data order, RNG state and MLflow run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +30,8 @@ from ttt.storage import join, open_storage
 from ttt.tracking.logger import CURVE_ARTIFACT, Tracker
 from ttt.tracking.plots import loss_by_position_plot
 from ttt.train.checkpoint import Checkpointer, CheckpointError, load_checkpoint, rng_state, set_rng_state
+from ttt.train.device import autocast_for, peak_flops, resolve_device
 from ttt.train.schedule import build_optimizer
-
-# Dense bf16 peak of common accelerators, for MFU when train.peak_tflops is not given.
-_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
 
 
 class DivergedError(UserError):
@@ -76,30 +72,6 @@ def variant_label(job: JobConfig) -> str:
     if job.model.suffix_len:
         return "no-TTT ablation"
     return "full attention" if job.model.attention == "full" else "sliding window"
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: 'cuda' was asked for but no CUDA device is visible")
-    return torch.device(
-        "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in _PEAK_TFLOPS.items() if key in name), None)
 
 
 class Trainer:
@@ -206,11 +178,11 @@ class Trainer:
             )
             train_seconds = time.perf_counter() - start
             final, final_no_ttt, plot = self._final_eval(model, val, device, autocast, state, tracker)
-        except DivergedError:
-            tracker.end("FAILED")
+        except KeyboardInterrupt:
+            tracker.end("KILLED")
             raise
         except BaseException:
-            tracker.end("KILLED")
+            tracker.end("FAILED")
             raise
         tracker.log_text(
             json.dumps({"latest": last_checkpoint, "run_dir": storage.uri}, indent=2), "checkpoints.json"
