@@ -117,6 +117,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, m
         "eval/loss_by_position.png",
         "eval/loss_by_position.json",
     } <= artifacts
+    assert "eval/step-00000005" in artifacts  # the curve of the periodic evaluation after 6 steps
 
 
 def test_gradient_accumulation_keeps_the_update(tmp_path, text_dataset):

@@ -279,6 +279,7 @@ class Trainer:
                 tracker.log_metrics(
                     {"val/loss": result.loss, "val/loss_past_window": result.loss_past_window}, step
                 )
+                tracker.log_text(json.dumps(result.to_dict()), f"eval/step-{step:08d}/loss_by_position.json")
             if state.step % cfg.checkpoint_every == 0 or done:
                 last = save()
         progress.close()
