@@ -162,6 +162,39 @@ class TrainConfig:
 
 
 @dataclass(config=_SECTION, frozen=True)
+class ScaleConfig:
+    """How many workers, what each gets, and how the model is sharded (Ray Train + DeepSpeed)."""
+
+    workers: int = Field(1, ge=1, description="Training processes; more than 1 runs under Ray Train.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs Ray reserves per worker (0: CPU training).")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources per worker, e.g. {'accelerator_type:H100': 0.01}.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage; None: plain PyTorch for 1 worker, ZeRO-2 for more."
+    )
+    max_failures: int = Field(
+        3, ge=-1, description="Worker-group restarts before the run fails (-1: no limit)."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto' inside a RayJob); None: start a local one."
+    )
+    placement_timeout_s: float = Field(
+        120.0, gt=0, description="How long to wait for Ray to place all workers before giving up."
+    )
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.zero_stage is not None or self.workers > 1
+
+    @property
+    def effective_zero_stage(self) -> int:
+        return 2 if self.zero_stage is None else self.zero_stage
+
+
+@dataclass(config=_SECTION, frozen=True)
 class DataConfig:
     """Where the token streams come from."""
 
@@ -178,7 +211,13 @@ class DataConfig:
 class StorageConfig:
     """Where runs write: <root>/<run name>/ holds the resolved config and the checkpoints."""
 
-    root: str = Field("runs", description="Local directory or s3://bucket/prefix.")
+    root: str = Field("runs", min_length=1, description="Local directory or s3://bucket/prefix.")
+
+    def __post_init__(self) -> None:
+        if "://" in self.root and not self.root.startswith("s3://"):
+            raise ConfigError("storage.root", f"'{self.root}': use a local path or s3://bucket/prefix")
+        if self.root.startswith("s3://") and not self.root[len("s3://") :].split("/")[0]:
+            raise ConfigError("storage.root", f"'{self.root}' names no bucket: use s3://bucket/prefix")
 
 
 @dataclass(config=_SECTION, frozen=True)
@@ -205,6 +244,7 @@ class JobConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    scale: ScaleConfig = dataclasses.field(default_factory=ScaleConfig)
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
@@ -224,6 +264,19 @@ class JobConfig:
             raise ConfigError(
                 "train.global_batch_size",
                 f"{self.train.global_batch_size} is not divisible by train.grad_accum_steps {micro}",
+            )
+        per_worker = self.scale.workers * micro
+        if self.train.global_batch_size % per_worker:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.train.global_batch_size} sequences do not split evenly over "
+                f"{self.scale.workers} workers x {micro} micro-batches",
+            )
+        if self.scale.effective_zero_stage == 3 and self.scale.uses_deepspeed and not self.ttt.checkpoint:
+            raise ConfigError(
+                "ttt.checkpoint",
+                "ZeRO-3 needs per-mini-batch checkpointing "
+                "(the recomputation gathers the sharded weights again)",
             )
         if self.optim.warmup_steps >= self.train.total_steps:
             raise ConfigError(
@@ -382,18 +435,12 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
 
 
 def flatten(cfg: JobConfig) -> dict[str, Any]:
-    """`{"model.hidden_size": 768, ...}`: the form MLflow parameters and sweeps use."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(value, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = value
-
-    walk(cfg.to_dict(), "")
-    return out
+    """`{"model.hidden_size": 768, ...}`: the form MLflow parameters and sweeps use (section.field)."""
+    return {
+        f"{section}.{key}": value
+        for section, fields in cfg.to_dict().items()
+        for key, value in fields.items()
+    }
 
 
 # -- presets ---------------------------------------------------------------------------------------

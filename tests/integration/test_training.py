@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import ttt.train.trainer as trainer_module
+import ttt.model.ttt as ttt_loop
 from tests.integration.services import ROOT, TINY
 from ttt.config import resolve
 from ttt.data.corpus import prepare
@@ -136,7 +136,7 @@ def test_gradient_accumulation_keeps_the_update(tmp_path, text_dataset):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_dataset, monkeypatch):
-    real = trainer_module.sequence_loss
+    real = ttt_loop.sequence_loss
 
     def poisoned(model, inputs, targets, ttt, step=None, **kwargs):
         out = real(model, inputs, targets, ttt, step=step, **kwargs)
@@ -144,7 +144,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tex
             out.loss = out.loss * math.nan
         return out
 
-    monkeypatch.setattr(trainer_module, "sequence_loss", poisoned)
+    monkeypatch.setattr(ttt_loop, "sequence_loss", poisoned)
     common = [f"data.path={text_dataset}", f"storage.root={tmp_path}"]
     with pytest.raises(
         DivergedError,
@@ -158,7 +158,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tex
     [run] = client.search_runs([client.get_experiment_by_name("ttt-e2e").experiment_id])
     assert run.info.status == "FAILED"
 
-    monkeypatch.setattr(trainer_module, "sequence_loss", real)
+    monkeypatch.setattr(ttt_loop, "sequence_loss", real)
     assert Trainer(tiny_job(*common), "diverges", progress=False).fit().steps == 6
 
 

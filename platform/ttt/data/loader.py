@@ -68,7 +68,9 @@ def validation_batches(
         raise DataError(
             f"the '{samples.stream.name}' stream is shorter than one sample of {samples.seq_len + 1} tokens"
         )
-    mine = list(range(min(count, len(samples))))[rank::world_size]
+    usable = min(count, len(samples))
+    usable = max(usable - usable % world_size, world_size)  # the same number of windows on every rank
+    mine = [i % len(samples) for i in range(usable)][rank::world_size]
     return [
         torch.from_numpy(np.stack([samples[i] for i in mine[k : k + batch_size]]))
         for k in range(0, len(mine), batch_size)

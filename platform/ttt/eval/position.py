@@ -18,7 +18,7 @@ import torch
 from ttt.config import TTTConfig
 from ttt.data.loader import split_tokens
 from ttt.model.transformer import Transformer
-from ttt.model.ttt import sequence_loss
+from ttt.model.ttt import MetaLearner
 
 
 @dataclass
@@ -36,34 +36,46 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: Transformer,
+    learner: MetaLearner,
     batches: Sequence[torch.Tensor],
     ttt: TTTConfig,
     window: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> EvalResult:
-    was_training = model.training
-    model.eval()
-    nll_sum = count = None
-    loss_sum, windows = 0.0, 0
+    """`learner` is called (not bypassed) so that sharded weights are gathered; with several ranks each
+    evaluates its share of the windows and `all_reduce` sums the statistics."""
+    model = learner.model
+    was_training = learner.training
+    learner.eval()
+    length = None
+    nll_sum = count = stats = None
     for tokens in batches:
         inputs, targets = (t.to(device) for t in split_tokens(tokens, model.config.vocab_size))
+        length = inputs.shape[1]
         mask = targets != model.config.bos_token_id
         with autocast():
-            out = sequence_loss(model, inputs, targets, ttt, loss_mask=mask)
+            _, out = learner(inputs, targets, loss_mask=mask, ttt=ttt)
         masked = out.token_nll.double() * mask
+        batch_stats = torch.stack(
+            [out.chunk_losses.double().mean(1).sum(), torch.tensor(inputs.shape[0], device=device)]
+        )
         nll_sum = masked.sum(0) if nll_sum is None else nll_sum + masked.sum(0)
-        count = mask.sum(0) if count is None else count + mask.sum(0)
-        loss_sum += float(out.chunk_losses.double().mean(1).sum())
-        windows += inputs.shape[0]
-    model.train(was_training)
+        count = mask.sum(0).double() if count is None else count + mask.sum(0)
+        stats = batch_stats if stats is None else stats + batch_stats
+    learner.train(was_training)
+    total = all_reduce(torch.cat([nll_sum, count, stats.to(nll_sum.dtype)]).to(device))
+    nll_sum, count, (loss_sum, windows) = total[:length], total[length : 2 * length], total[2 * length :]
     by_position = (nll_sum / count.clamp(min=1)).tolist()
     past = None
-    if len(by_position) > window:
+    if length > window:
         past = float(nll_sum[window:].sum() / count[window:].sum().clamp(min=1))
     return EvalResult(
-        loss=loss_sum / windows, loss_past_window=past, loss_by_position=by_position, windows=windows
+        loss=float(loss_sum / windows),
+        loss_past_window=past,
+        loss_by_position=by_position,
+        windows=int(windows),
     )
 
 
@@ -97,13 +109,14 @@ def evaluate_checkpoint(
     target = resolve_device(device)
     model = Transformer(job.model).to(target)
     model.load_state_dict(payload["model"])
+    learner = MetaLearner(model, job.ttt)
     dataset = open_dataset(job.data.path, (job.data.val_split,))
     batches = validation_batches(
         Samples(dataset.split(job.data.val_split), job.train.seq_len), sequences, batch_size
     )
     autocast = autocast_for(target, job.train.precision)
     window = job.model.window_size
-    result = evaluate(model, batches, job.ttt, window, target, autocast)
+    result = evaluate(learner, batches, job.ttt, window, target, autocast)
     report = {
         "checkpoint": checkpoint,
         "step": payload["state"]["step"],
@@ -115,7 +128,7 @@ def evaluate_checkpoint(
     curves = {"with TTT" if job.ttt.enabled else "model": result.loss_by_position}
     if job.ttt.enabled and job.model.suffix_len:
         static = evaluate(
-            model, batches, dataclasses.replace(job.ttt, enabled=False), window, target, autocast
+            learner, batches, dataclasses.replace(job.ttt, enabled=False), window, target, autocast
         )
         report |= {"loss_no_ttt": static.loss, "loss_past_window_no_ttt": static.loss_past_window}
         curves["TTT off"] = static.loss_by_position

@@ -92,4 +92,5 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        # Through the submodules, not their .weight: ZeRO-3 gathers a weight only inside its owner's forward.
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

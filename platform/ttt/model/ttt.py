@@ -46,6 +46,38 @@ class SequenceLoss:
     """Fast weights after each mini-batch's update, per suffix block (detached; only when asked)."""
 
 
+class MetaLearner(torch.nn.Module):
+    """The model and its loss as one module, so that `forward` is the whole meta step's forward.
+
+    DeepSpeed wraps this module. Under ZeRO-3 a parameter is gathered only while a module that owns (or
+    has registered) it is in its forward; running the whole inner loop inside this forward, with the tied
+    embedding and the prime weights registered here, keeps them gathered wherever the loop uses them.
+    """
+
+    def __init__(self, model: Transformer, ttt: TTTConfig):
+        super().__init__()
+        self.model = model
+        self.ttt = ttt
+
+    def external_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters used outside their owner's forward: the tied head and the initial fast weights."""
+        return [self.model.embed.weight, *(w for p in self.model.prime_weights() for w in p)]
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        step: int | None = None,
+        ttt: TTTConfig | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, SequenceLoss]:
+        """`ttt` replaces the module's inner-loop config for this call (e.g. TTT switched off at eval).
+        The loss tensor comes first and bare: ZeRO-3 hooks the tensors a forward returns (it does not look
+        inside dataclasses) to gather the parameters again before their backward."""
+        out = sequence_loss(self.model, inputs, targets, ttt or self.ttt, step=step, **kwargs)
+        return out.loss, out
+
+
 def inner_lr_at(cfg: TTTConfig, step: int | None) -> float:
     """η_in at outer step `step` (0-based): linear from inner_lr_init to inner_lr over the warm-up, using
     (step + 1) / warmup as the reference does. `None` (evaluation) means fully warmed up."""

@@ -1,15 +1,23 @@
-"""Checkpoints: one file per save holding everything a resume needs (model, optimizer, scheduler, data
-position, RNG states, step, config, MLflow run id), under <run dir>/checkpoints/ on local disk or S3.
+"""Checkpoints under <run dir>/checkpoints/, on local disk or S3, holding everything a resume needs:
+model, optimizer, scheduler, data position, RNG states, step, config, MLflow run id.
 
-A checkpoint is a single object written atomically (see ttt.storage), so a crash mid-save leaves the
-previous checkpoints intact and no partial one that could be loaded.
+Two layouts, one per engine:
+* single process: `step-N.pt`, one object written atomically (see ttt.storage);
+* DeepSpeed: `step-N/` with every rank's shards and `ttt.pt` (full weights, config, state), then the
+  marker `step-N.complete`, written last by rank 0 once all uploads are done.
+Only `.pt` files and `.complete` markers are listed as checkpoints, so an upload cut off halfway is never
+loaded.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import random
 import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +26,7 @@ from ttt.errors import UserError
 from ttt.storage import Storage, join, open_storage
 
 FOLDER = "checkpoints"
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+_NAME = re.compile(r"^step-(\d{8})\.(pt|complete)$")
 FORMAT = 1
 
 
@@ -30,30 +38,95 @@ def checkpoint_name(step: int) -> str:
     return f"{FOLDER}/step-{step:08d}.pt"
 
 
+def tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
 class Checkpointer:
     def __init__(self, storage: Storage, keep: int):
         self.storage = storage
         self.keep = keep
 
+    def index(self) -> dict[int, str]:
+        return {int(m.group(1)): m.group(2) for n in self.storage.list(FOLDER) if (m := _NAME.match(n))}
+
     def steps(self) -> list[int]:
-        return sorted(int(m.group(1)) for n in self.storage.list(FOLDER) if (m := _NAME.match(n)))
+        return sorted(self.index())
 
     def latest(self) -> int | None:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def describe(self, step: int) -> str:
+        kind = self.index().get(step, "pt")
+        return self.storage.describe(f"{FOLDER}/{tag(step)}" + (".pt" if kind == "pt" else "/"))
+
+    # -- single process ----------------------------------------------------------------------------
+
     def save(self, payload: dict, step: int) -> str:
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, **payload}, buffer)
         self.storage.write_bytes(checkpoint_name(step), buffer.getvalue())
-        for old in self.steps()[: -self.keep]:
-            self.storage.delete(checkpoint_name(old))
+        self._prune()
         return self.storage.describe(checkpoint_name(step))
 
     def load(self, step: int) -> dict:
+        if self.index().get(step) != "pt":
+            raise CheckpointError(
+                f"{self.describe(step)} was written by DeepSpeed; resume with scale.zero_stage set"
+            )
         return _decode(
             self.storage.read_bytes(checkpoint_name(step)), self.storage.describe(checkpoint_name(step))
         )
+
+    # -- DeepSpeed (collective: every rank calls these) --------------------------------------------
+
+    def save_sharded(self, engine, meta: dict, step: int) -> str:
+        shards = engine.save_shards(tag(step))
+        for path in sorted(shards.iterdir()):
+            self.storage.upload(path, f"{FOLDER}/{tag(step)}/{path.name}")
+        shutil.rmtree(shards.parent, ignore_errors=True)
+        model = engine.full_model_state()
+        if engine.rank == 0:
+            buffer = io.BytesIO()
+            torch.save({"format": FORMAT, "model": model, **meta}, buffer)
+            self.storage.write_bytes(f"{FOLDER}/{tag(step)}/ttt.pt", buffer.getvalue())
+        engine.barrier()  # every rank's shards are up
+        if engine.rank == 0:
+            files = self.storage.list(f"{FOLDER}/{tag(step)}")
+            self.storage.write_bytes(f"{FOLDER}/{tag(step)}.complete", json.dumps({"files": files}).encode())
+            self._prune()
+        engine.barrier()
+        return self.describe(step)
+
+    def load_sharded(self, engine, step: int) -> dict:
+        if self.index().get(step) != "complete":
+            raise CheckpointError(
+                f"{self.describe(step)} is a single-process checkpoint; resume without ZeRO"
+            )
+        where = self.describe(step)
+        folder = Path(tempfile.mkdtemp(prefix="ttt-resume-"))
+        try:
+            for name in json.loads(self.storage.read_bytes(f"{FOLDER}/{tag(step)}.complete"))["files"]:
+                self.storage.download(f"{FOLDER}/{tag(step)}/{name}", folder / tag(step) / name)
+            payload = _decode((folder / tag(step) / "ttt.pt").read_bytes(), where)
+            try:
+                engine.load_shards(folder, tag(step))
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise CheckpointError(f"{where} cannot be loaded: {str(exc).splitlines()[0]}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return payload
+
+    def _prune(self) -> None:
+        index = self.index()
+        for old in sorted(index)[: -self.keep]:
+            if index[old] == "pt":
+                self.storage.delete(checkpoint_name(old))
+            else:
+                self.storage.delete(f"{FOLDER}/{tag(old)}.complete")  # unmark first, then remove the files
+                for name in self.storage.list(f"{FOLDER}/{tag(old)}"):
+                    self.storage.delete(f"{FOLDER}/{tag(old)}/{name}")
 
 
 def _decode(data: bytes, where: str) -> dict:
@@ -71,7 +144,8 @@ def _decode(data: bytes, where: str) -> dict:
 
 
 def load_checkpoint(uri: str) -> dict:
-    """A checkpoint file, or a run directory (its newest checkpoint), local or s3://."""
+    """Weights, config and state of a checkpoint file, or of a run directory's newest checkpoint (either
+    layout), local or s3:// (no optimizer state for DeepSpeed checkpoints)."""
     if uri.endswith(".pt"):
         parent, _, name = uri.rpartition("/")
         storage = open_storage(parent or ".")
@@ -83,7 +157,10 @@ def load_checkpoint(uri: str) -> dict:
     step = checkpointer.latest()
     if step is None:
         raise CheckpointError(f"no checkpoint under {join(uri, FOLDER)}")
-    return checkpointer.load(step)
+    if checkpointer.index()[step] == "pt":
+        return checkpointer.load(step)
+    name = f"{FOLDER}/{tag(step)}/ttt.pt"
+    return _decode(checkpointer.storage.read_bytes(name), checkpointer.storage.describe(name))
 
 
 def rng_state() -> dict:

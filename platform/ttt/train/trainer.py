@@ -25,13 +25,13 @@ from ttt.errors import UserError
 from ttt.eval.position import EvalResult, evaluate
 from ttt.model.counting import flops_per_token
 from ttt.model.transformer import Transformer
-from ttt.model.ttt import inner_lr_at, sequence_loss
+from ttt.model.ttt import MetaLearner, inner_lr_at
 from ttt.storage import join, open_storage
 from ttt.tracking.logger import CURVE_ARTIFACT, Tracker
 from ttt.tracking.plots import loss_by_position_plot
 from ttt.train.checkpoint import Checkpointer, CheckpointError, load_checkpoint, rng_state, set_rng_state
 from ttt.train.device import autocast_for, peak_flops, resolve_device
-from ttt.train.schedule import build_optimizer
+from ttt.train.engine import LocalEngine, NonFiniteGradient
 
 
 class DivergedError(UserError):
@@ -72,6 +72,15 @@ def variant_label(job: JobConfig) -> str:
     if job.model.suffix_len:
         return "no-TTT ablation"
     return "full attention" if job.model.attention == "full" else "sliding window"
+
+
+def build_engine(learner: MetaLearner, job: JobConfig, device: torch.device):
+    if not job.scale.uses_deepspeed:
+        return LocalEngine(learner, job)
+    from ttt.distributed.deepspeed_engine import DeepSpeedEngine
+
+    bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
+    return DeepSpeedEngine(learner, job, bf16=bf16)
 
 
 class Trainer:
@@ -125,18 +134,22 @@ class Trainer:
         )
 
         torch.manual_seed(cfg.seed)
-        model = Transformer(job.model).to(device)
-        optimizer, scheduler = build_optimizer(model, job.optim, cfg.total_steps)
+        learner = MetaLearner(Transformer(job.model).to(device), job.ttt)
+        engine = build_engine(learner, job, device)
         checkpointer = Checkpointer(storage, cfg.keep_checkpoints)
         state = TrainState()
         last_checkpoint = None
         if (latest := checkpointer.latest()) is not None:
-            payload = checkpointer.load(latest)
-            self._restore(payload, model, optimizer, scheduler)
+            if engine.sharded_checkpoints:
+                payload = checkpointer.load_sharded(engine, latest)
+            else:
+                payload = checkpointer.load(latest)
+                self._restore(payload, engine)
+            set_rng_state(payload["rng"])
             state = TrainState(**payload["state"])
-            last_checkpoint = storage.describe(f"checkpoints/step-{latest:08d}.pt")
+            last_checkpoint = checkpointer.describe(latest)
         elif cfg.init_from:
-            self._load_weights(load_checkpoint(cfg.init_from)["model"], model, cfg.init_from)
+            self._load_weights(load_checkpoint(cfg.init_from)["model"], learner.model, cfg.init_from)
 
         tracker = Tracker(job.tracking, job.storage.root, enabled=self.rank == 0)
         state.mlflow_run_id = tracker.start(
@@ -145,39 +158,26 @@ class Trainer:
             flatten(job),
             {"ttt.variant": variant_label(job), "ttt.run_dir": storage.uri},
         )
-        storage.write_bytes("config.yaml", to_yaml(job).encode())
+        if self.rank == 0:
+            storage.write_bytes("config.yaml", to_yaml(job).encode())
         tracker.log_text(to_yaml(job), "config.yaml")
 
         def save() -> str:
-            payload = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": dataclasses.asdict(state),
-                "rng": rng_state(),
-                "config": job.to_dict(),
-            }
-            uri = checkpointer.save(payload, state.step)
+            meta = {"state": dataclasses.asdict(state), "rng": rng_state(), "config": job.to_dict()}
+            if engine.sharded_checkpoints:
+                uri = checkpointer.save_sharded(engine, meta, state.step)
+            else:
+                uri = checkpointer.save({**engine.state_dict(), **meta}, state.step)
             tracker.set_tags({"ttt.checkpoint": uri})
             return uri
 
         start = time.perf_counter()
         try:
             last_checkpoint = self._loop(
-                model,
-                optimizer,
-                scheduler,
-                train,
-                val,
-                state,
-                tracker,
-                autocast,
-                device,
-                save,
-                last_checkpoint,
+                engine, train, val, state, tracker, autocast, device, save, last_checkpoint
             )
             train_seconds = time.perf_counter() - start
-            final, final_no_ttt, plot = self._final_eval(model, val, device, autocast, state, tracker)
+            final, final_no_ttt, plot = self._final_eval(engine, val, device, autocast, state, tracker)
         except KeyboardInterrupt:
             tracker.end("KILLED")
             raise
@@ -203,16 +203,13 @@ class Trainer:
         return result
 
     @staticmethod
-    def _restore(payload: dict, model, optimizer, scheduler) -> None:
+    def _restore(payload: dict, engine) -> None:
         try:
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
+            engine.load_state_dict(payload)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(
                 f"the run's checkpoint does not fit this config: {str(exc).splitlines()[0]}"
             ) from None
-        set_rng_state(payload["rng"])
 
     @staticmethod
     def _load_weights(weights: dict, model, where: str) -> None:
@@ -225,7 +222,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    def _loop(self, model, optimizer, scheduler, train, val, state, tracker, autocast, device, save, last):
+    def _loop(self, engine, train, val, state, tracker, autocast, device, save, last):
         job, cfg = self.job, self.job.train
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
         micro = train.local_batch // cfg.grad_accum_steps
@@ -237,25 +234,28 @@ class Trainer:
             if cfg.fail_at_step is not None and step == cfg.fail_at_step:
                 raise InjectedFailure(f"train.fail_at_step: failing on purpose before update {step}")
             loss = 0.0
-            for part in train.batch(state.data_position).split(micro):
+            parts = train.batch(state.data_position).split(micro)
+            for index, part in enumerate(parts):
                 inputs, targets = (t.to(device) for t in split_tokens(part, job.model.vocab_size))
                 with autocast():
-                    out = sequence_loss(model, inputs, targets, job.ttt, step=step)
-                (out.loss / cfg.grad_accum_steps).backward()
-                loss += out.loss.item() / cfg.grad_accum_steps
-            clip = job.optim.grad_clip if job.optim.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
+                    loss += engine.micro_step(inputs, targets, step, last=index == len(parts) - 1)
+            loss = engine.mean(loss / len(parts))  # the same value on every rank: they stop together
+            if not math.isfinite(loss):
+                engine.discard_gradients()
                 where = (
                     last if state.step == 0 else save()
                 )  # the weights are still those of the last good step
-                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-                raise DivergedError(f"{what} at step {step}: training stopped; last good checkpoint: {where}")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                raise DivergedError(
+                    f"loss {loss} at step {step}: training stopped; last good checkpoint: {where}"
+                )
+            lr = engine.lr
+            try:
+                grad_norm = engine.apply()
+            except NonFiniteGradient as exc:
+                where = last if state.step == 0 or engine.sharded_checkpoints else save()
+                raise DivergedError(
+                    f"{exc} at step {step}: training stopped; last good checkpoint: {where}"
+                ) from None
             state.step += 1
             state.data_position += 1
             state.tokens_seen += tokens_per_step
@@ -275,7 +275,7 @@ class Trainer:
             progress.update(loss, tokens_per_step / seconds)
             done = state.step == cfg.total_steps
             if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
-                result = evaluate(model, val, job.ttt, job.model.window_size, device, autocast)
+                result = self._evaluate(engine, val, job.ttt, device, autocast)
                 tracker.log_metrics(
                     {"val/loss": result.loss, "val/loss_past_window": result.loss_past_window}, step
                 )
@@ -285,17 +285,22 @@ class Trainer:
         progress.close()
         return last
 
-    def _final_eval(self, model, val, device, autocast, state, tracker):
+    def _evaluate(self, engine, val, ttt, device, autocast) -> EvalResult:
+        return evaluate(
+            engine.learner, val, ttt, self.job.model.window_size, device, autocast, engine.all_reduce_sum
+        )
+
+    def _final_eval(self, engine, val, device, autocast, state, tracker):
         job = self.job
         step = max(state.step - 1, 0)
-        final = evaluate(model, val, job.ttt, job.model.window_size, device, autocast)
+        final = self._evaluate(engine, val, job.ttt, device, autocast)
         metrics = {"val/loss": final.loss, "val/loss_past_window": final.loss_past_window}
         curves = {f"{self.run_name} ({variant_label(job)})": final.loss_by_position}
         no_ttt = None
         if job.ttt.enabled and job.model.suffix_len:
             # The same weights without test-time updates: how much of the gain is adaptation at test time.
             static = dataclasses.replace(job.ttt, enabled=False)
-            no_ttt = evaluate(model, val, static, job.model.window_size, device, autocast)
+            no_ttt = self._evaluate(engine, val, static, device, autocast)
             metrics |= {
                 "val/loss_no_ttt": no_ttt.loss,
                 "val/loss_past_window_no_ttt": no_ttt.loss_past_window,
