@@ -94,9 +94,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.run_name:
         overrides.append(f"tracking.run_name={args.run_name}")
+    if args.workers:
+        overrides.append(f"scale.workers={args.workers}")
+    if args.zero_stage is not None:
+        overrides.append(f"scale.zero_stage={args.zero_stage}")
     job = cfgmod.resolve(args.source, overrides)
     name = job.tracking.run_name or default_run_name(args.source)
-    result = Trainer(job, name, progress=not args.no_progress).fit()
+    if job.scale.workers > 1 or job.scale.ray_address:
+        from ttt.distributed.launcher import launch
+
+        result = launch(job, name, progress=not args.no_progress)
+    else:
+        result = Trainer(job, name, progress=not args.no_progress).fit()
     print(format_result(result))
     return 0
 
@@ -169,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.add_argument("--run-name", help="name of the run and its directory (default: <recipe>-<time>)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under storage.root)")
+    p.add_argument("--workers", type=int, help="training processes (more than 1: Ray Train + DeepSpeed)")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (default 2 with several workers)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_train)
 

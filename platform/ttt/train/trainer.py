@@ -111,7 +111,7 @@ class Trainer:
 
     def fit(self) -> RunResult:
         job, cfg = self.job, self.job.train
-        storage = open_storage(join(job.storage.root, self.run_name))
+        storage = self.storage = open_storage(join(job.storage.root, self.run_name))
         storage.check_writable()
         device = resolve_device(cfg.device)
         autocast = autocast_for(device, cfg.precision)
@@ -231,8 +231,8 @@ class Trainer:
         progress = _Progress(cfg.total_steps, state.step, self.progress)
         while state.step < cfg.total_steps:
             step, began = state.step, time.perf_counter()
-            if cfg.fail_at_step is not None and step == cfg.fail_at_step:
-                raise InjectedFailure(f"train.fail_at_step: failing on purpose before update {step}")
+            if cfg.fail_at_step == step:
+                self._inject_failure(step)
             loss = 0.0
             parts = train.batch(state.data_position).split(micro)
             for index, part in enumerate(parts):
@@ -284,6 +284,15 @@ class Trainer:
                 last = save()
         progress.close()
         return last
+
+    def _inject_failure(self, step: int) -> None:
+        """Fail once per run (a marker in the run directory), so that the restarted run gets past it."""
+        marker = f"injected-failure-{step}"
+        if self.storage.exists(marker):
+            return
+        if self.rank == 0:
+            self.storage.write_bytes(marker, b"")
+            raise InjectedFailure(f"train.fail_at_step: failing on purpose before update {step}")
 
     def _evaluate(self, engine, val, ttt, device, autocast) -> EvalResult:
         return evaluate(

@@ -1,0 +1,130 @@
+"""Ray Train launcher: `scale.workers` processes each run the same `Trainer`, with its rank.
+
+Locally it starts a Ray cluster on this machine; inside a KubeRay RayJob (`scale.ray_address: auto`) it
+joins the existing one. Worker failures restart the whole worker group (up to `scale.max_failures`), and
+the restarted trainers resume from the newest complete checkpoint in the run directory, in the same MLflow
+run. Rank 0 alone logs to MLflow and prints progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ttt.config import JobConfig, ScaleConfig
+from ttt.data.streams import BUNDLED
+from ttt.errors import UserError
+from ttt.eval.position import EvalResult
+from ttt.tracking.logger import default_tracking_uri
+from ttt.train.trainer import RunResult, Trainer
+
+RESULT_FILE = "ttt-result.json"
+
+
+def absolute_paths(job: JobConfig) -> JobConfig:
+    """Workers need not share the driver's working directory: make local paths absolute."""
+
+    def local(path: str) -> bool:
+        return "://" not in path and not path.startswith(BUNDLED)
+
+    storage = job.storage
+    if local(storage.root):
+        storage = dataclasses.replace(storage, root=str(Path(storage.root).resolve()))
+    data = job.data
+    if local(data.path):
+        data = dataclasses.replace(data, path=str(Path(data.path).resolve()))
+    tracking = dataclasses.replace(job.tracking, uri=job.tracking.uri or default_tracking_uri(storage.root))
+    return dataclasses.replace(job, storage=storage, data=data, tracking=tracking)
+
+
+def ensure_ray(scale: ScaleConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if scale.ray_address:
+        ray.init(address=scale.ray_address)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+
+
+def worker_resources(scale: ScaleConfig) -> dict[str, float]:
+    gpu = {"GPU": scale.gpus_per_worker} if scale.gpus_per_worker else {}
+    return {"CPU": scale.cpus_per_worker, **gpu, **scale.resources_per_worker}
+
+
+def check_placement(scale: ScaleConfig) -> None:
+    """Fail now, with the numbers, if the cluster cannot hold the workers (instead of waiting forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    short = {
+        name: (amount * scale.workers, total.get(name, 0.0))
+        for name, amount in worker_resources(scale).items()
+        if amount * scale.workers > total.get(name, 0.0)
+    }
+    if short:
+        detail = ", ".join(
+            f"{need:g} {name} needed, {have:g} in the cluster" for name, (need, have) in short.items()
+        )
+        raise UserError(f"scale.workers: {scale.workers} workers cannot be placed ({detail})")
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    context = ray.train.get_context()
+    job = JobConfig.from_dict(config["job"])
+    result = Trainer(
+        job,
+        config["run_name"],
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        progress=config["progress"],
+    ).fit()
+    # Ray Train keeps reported metrics only alongside a checkpoint: rank 0 reports the run's summary (with
+    # the location of its last training checkpoint) as a small one; every rank must call report.
+    if context.get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(result)))
+            ray.train.report({"steps": result.steps}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report({"steps": result.steps})
+
+
+def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    job = absolute_paths(job)
+    ensure_ray(job.scale)
+    check_placement(job.scale)
+    use_gpu = job.scale.gpus_per_worker > 0
+    ray_dir = job.storage.root.rstrip("/") + "/_ray"
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"job": job.to_dict(), "run_name": run_name, "progress": progress},
+        scaling_config=ScalingConfig(
+            num_workers=job.scale.workers, use_gpu=use_gpu, resources_per_worker=worker_resources(job.scale)
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=ray_dir,
+            failure_config=FailureConfig(max_failures=job.scale.max_failures),
+        ),
+    )
+    try:
+        outcome = trainer.fit()
+    except Exception as exc:
+        raise UserError(f"distributed run {run_name} failed: {str(exc).splitlines()[0]}") from None
+    if outcome.checkpoint is None:
+        raise UserError(f"distributed run {run_name} ended without a result")
+    with outcome.checkpoint.as_directory() as folder:
+        data = json.loads((Path(folder) / RESULT_FILE).read_text())
+    for key in ("final_eval", "final_eval_no_ttt"):
+        data[key] = EvalResult(**data[key]) if data[key] else None
+    return RunResult(**data)
