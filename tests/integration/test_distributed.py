@@ -6,15 +6,19 @@ import os
 import subprocess
 import sys
 
+import boto3
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.integration.services import TINY
+from tests.integration.services import ROOT, TINY
 from ttt.config import resolve
-from ttt.distributed.launcher import launch
+from ttt.data.corpus import prepare
+from ttt.data.tokenizer import ByteTokenizer
+from ttt.distributed.launcher import launch, local_only_ray
 from ttt.errors import UserError
-from ttt.train.checkpoint import load_checkpoint
+from ttt.storage import open_storage
+from ttt.train.checkpoint import Checkpointer, load_checkpoint
 from ttt.train.trainer import Trainer
 
 STEPS = [
@@ -26,11 +30,13 @@ STEPS = [
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server):
+    local_only_ray()  # loopback only: before Ray is imported
     import ray
 
+    # Workers inherit the environment of ray.init: the S3 endpoint variables must already be set.
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -119,3 +125,34 @@ def test_bad_scale_input_fails_before_any_worker(args, words):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert words in proc.stderr and "ray" not in proc.stderr.lower()
+
+
+def test_s3_data_and_sharded_checkpoints_survive_a_restart(ray_cluster, runs, s3_bucket):
+    root, common = runs
+    data, runs_uri = f"s3://{s3_bucket}/data/code", f"s3://{s3_bucket}/runs"
+    prepare([str(ROOT / "platform" / "ttt")], data, ByteTokenizer(), val_every=5)  # as text_dataset
+    local_only = [c for c in common if not c.startswith(("data.path=", "storage.root="))]
+    job = resolve(
+        "tiny",
+        [
+            *local_only,
+            f"data.path={data}",
+            f"storage.root={runs_uri}",
+            f"tracking.uri=sqlite:///{root / 's3-mlflow.db'}",
+            "scale.workers=2",
+            "scale.max_failures=1",
+            "train.fail_at_step=2",
+        ],
+    )
+    result = launch(job, "on-s3", progress=False)
+    assert result.last_checkpoint == f"{runs_uri}/on-s3/checkpoints/step-00000003"
+    single, on_s3 = load_checkpoint(f"{root}/single"), load_checkpoint(f"{runs_uri}/on-s3")
+    assert relative_distance(on_s3["model"], single["model"]) <= 1e-5
+
+    # An upload cut off before its marker: the files are there, the checkpoint is not.
+    s3 = boto3.client("s3")
+    for name in ("mp_rank_00_model_states.pt", "ttt.pt"):
+        s3.put_object(Bucket=s3_bucket, Key=f"runs/on-s3/checkpoints/step-00000004/{name}", Body=b"partial")
+    checkpointer = Checkpointer(open_storage(f"{runs_uri}/on-s3"), keep=3)
+    assert checkpointer.latest() == 3
+    assert load_checkpoint(f"{runs_uri}/on-s3")["state"]["step"] == 3

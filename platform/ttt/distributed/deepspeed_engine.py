@@ -8,6 +8,7 @@ external parameters of the MetaLearner, whose forward holds the whole inner loop
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from ttt.distributed.deepspeed_config import deepspeed_config
 from ttt.model.ttt import MetaLearner
 from ttt.train.engine import NonFiniteGradient
 from ttt.train.schedule import build_optimizer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def prepare_environment(use_gpu: bool) -> None:
@@ -38,8 +45,13 @@ class DeepSpeedEngine:
         import torch.distributed as dist
 
         if not dist.is_initialized():  # alone (no Ray): a one-process group from the usual variables
-            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
-                               ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # fmt: skip
+            for key, value in (
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", str(_free_port())),
+                ("RANK", "0"),
+                ("LOCAL_RANK", "0"),
+                ("WORLD_SIZE", "1"),
+            ):
                 os.environ.setdefault(key, value)
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()

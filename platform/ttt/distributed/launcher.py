@@ -19,7 +19,7 @@ from ttt.data.streams import BUNDLED
 from ttt.errors import UserError
 from ttt.eval.position import EvalResult
 from ttt.tracking.logger import default_tracking_uri
-from ttt.train.trainer import RunResult, Trainer
+from ttt.train.trainer import InjectedFailure, RunResult, Trainer
 
 RESULT_FILE = "ttt-result.json"
 
@@ -40,15 +40,25 @@ def absolute_paths(job: JobConfig) -> JobConfig:
     return dataclasses.replace(job, storage=storage, data=data, tracking=tracking)
 
 
+def local_only_ray() -> None:
+    """Keep a private Ray cluster on loopback: Ray's single-machine mode, read when Ray is imported
+    (otherwise it binds every interface and advertises the machine's routable address)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def ensure_ray(scale: ScaleConfig) -> None:
+    address = scale.ray_address or os.environ.get("RAY_ADDRESS")  # KubeRay sets RAY_ADDRESS for a RayJob
+    if not address:
+        local_only_ray()
     import ray
 
     if ray.is_initialized():
         return
-    if scale.ray_address:
-        ray.init(address=scale.ray_address)
+    if address:
+        ray.init(address=address)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        # A private cluster on this machine, reachable on loopback only.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def worker_resources(scale: ScaleConfig) -> dict[str, float]:
@@ -73,34 +83,53 @@ def check_placement(scale: ScaleConfig) -> None:
         raise UserError(f"scale.workers: {scale.workers} workers cannot be placed ({detail})")
 
 
+def _report(metrics: dict, payload: dict | None, rank: int) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 attaches a small checkpoint with `payload`."""
+    import ray.train
+
+    if rank != 0 or payload is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / RESULT_FILE).write_text(json.dumps(payload))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
 def _worker(config: dict) -> None:
     import ray.train
 
     context = ray.train.get_context()
+    rank = context.get_world_rank()
     job = JobConfig.from_dict(config["job"])
-    result = Trainer(
+    trainer = Trainer(
         job,
         config["run_name"],
-        rank=context.get_world_rank(),
+        rank=rank,
         world_size=context.get_world_size(),
         progress=config["progress"],
-    ).fit()
-    # Ray Train keeps reported metrics only alongside a checkpoint: rank 0 reports the run's summary (with
-    # the location of its last training checkpoint) as a small one; every rank must call report.
-    if context.get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / RESULT_FILE).write_text(json.dumps(dataclasses.asdict(result)))
-            ray.train.report({"steps": result.steps}, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    else:
-        ray.train.report({"steps": result.steps})
+        # Ray Train hears of each complete checkpoint; the checkpoint itself stays in the run directory,
+        # where a restarted trainer finds the newest complete one.
+        on_checkpoint=lambda step, uri: _report({"step": step}, {"checkpoint": uri, "step": step}, rank),
+    )
+    try:
+        result = trainer.fit()
+    except InjectedFailure as exc:
+        print(f"{exc}: killing worker {rank}", flush=True)
+        os._exit(1)  # a dead process, as after a node loss, not a Python exception
+    # Ray Train keeps reported metrics only alongside a checkpoint: the run's summary travels as one.
+    _report({"steps": result.steps}, {"result": dataclasses.asdict(result)}, rank)
 
 
 def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
+    job = absolute_paths(job)
+    # Read by the processes of a cluster started here (a RayJob's pods get them from the operator):
+    # forwarded worker output only once, and a bounded wait for the worker group to be placed.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(job.scale.placement_timeout_s))
+    ensure_ray(job.scale)  # first: it decides how Ray is imported
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    job = absolute_paths(job)
-    ensure_ray(job.scale)
     check_placement(job.scale)
     use_gpu = job.scale.gpus_per_worker > 0
     ray_dir = job.storage.root.rstrip("/") + "/_ray"
@@ -124,7 +153,7 @@ def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
     if outcome.checkpoint is None:
         raise UserError(f"distributed run {run_name} ended without a result")
     with outcome.checkpoint.as_directory() as folder:
-        data = json.loads((Path(folder) / RESULT_FILE).read_text())
+        data = json.loads((Path(folder) / RESULT_FILE).read_text())["result"]
     for key in ("final_eval", "final_eval_no_ttt"):
         data[key] = EvalResult(**data[key]) if data[key] else None
     return RunResult(**data)

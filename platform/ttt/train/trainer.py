@@ -13,6 +13,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,18 @@ def build_engine(learner: MetaLearner, job: JobConfig, device: torch.device):
 
 class Trainer:
     def __init__(
-        self, job: JobConfig, run_name: str, *, rank: int = 0, world_size: int = 1, progress: bool = True
+        self,
+        job: JobConfig,
+        run_name: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: bool = True,
+        on_checkpoint: Callable[[int, str], None] | None = None,
     ):
+        """`on_checkpoint(step, uri)` runs on every rank after each complete checkpoint (Ray Train hears
+        of checkpoints through it)."""
+        self.on_checkpoint = on_checkpoint
         self.job = job
         self.run_name = run_name
         self.rank = rank
@@ -169,6 +180,8 @@ class Trainer:
             else:
                 uri = checkpointer.save({**engine.state_dict(), **meta}, state.step)
             tracker.set_tags({"ttt.checkpoint": uri})
+            if self.on_checkpoint:
+                self.on_checkpoint(state.step, uri)
             return uri
 
         start = time.perf_counter()
