@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +46,8 @@ def mlflow_server(tmp_path_factory):
         "--artifacts-destination",
         str(base / "artifacts"),
     ]
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir()) if shm.is_dir() else set()
     with open(base / "server.log", "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         try:
@@ -51,6 +55,10 @@ def mlflow_server(tmp_path_factory):
             yield f"http://127.0.0.1:{port}"
         finally:
             stop(proc)
+            # The server keeps its job queue in a temporary folder under /dev/shm and leaves it there.
+            for folder in (set(shm.iterdir()) - before) if shm.is_dir() else ():
+                if any(p.name.endswith(".mlflow-huey-store") for p in folder.iterdir()):
+                    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
