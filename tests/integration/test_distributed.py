@@ -79,6 +79,15 @@ def _initial_weights(job) -> dict:
     return Transformer(job.model).state_dict()
 
 
+def test_init_from_under_zero3_loads_the_full_weights(ray_cluster, runs):
+    root, common = runs
+    frozen = [f"train.init_from={root}/single", "optim.lr=0", "optim.end_lr=0", "ttt.checkpoint=true"]
+    job = resolve("tiny", [*common, *frozen, "scale.workers=2", "scale.zero_stage=3"])
+    launch(job, "zero3-init", progress=False)
+    single, started = load_checkpoint(f"{root}/single"), load_checkpoint(f"{root}/zero3-init")
+    assert relative_distance(started["model"], single["model"]) == 0.0
+
+
 def test_worker_failure_restarts_and_resumes_exactly(ray_cluster, runs):
     root, common = runs
     job = resolve(

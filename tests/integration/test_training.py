@@ -14,7 +14,7 @@ from tests.integration.services import ROOT, TINY
 from ttt.config import resolve
 from ttt.data.corpus import prepare
 from ttt.data.tokenizer import ByteTokenizer
-from ttt.train.checkpoint import load_checkpoint
+from ttt.train.checkpoint import CheckpointError, load_checkpoint
 from ttt.train.trainer import DivergedError, InjectedFailure, Trainer
 
 
@@ -207,3 +207,17 @@ def test_zarr_dataset_on_s3(tmp_path, s3_bucket):
     dataset = open_dataset(f"s3://{s3_bucket}/zarr-data")
     assert np.array_equal(dataset.split("train")[1000:1100], tokens[1000:1100].astype(np.int64))
     assert len(dataset.split("val")) == 5000
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path, text_dataset):
+    common = [f"data.path={text_dataset}", f"storage.root={tmp_path}"]
+    Trainer(tiny_job(*common), "pretrain", progress=False).fit()
+    # lr 0 leaves the weights where they start (AdamW's decay is scaled by lr too)
+    frozen = tiny_job(*common, f"train.init_from={tmp_path}/pretrain", "optim.lr=0", "optim.end_lr=0")
+    Trainer(frozen, "extend", progress=False).fit()
+    before, after = load_checkpoint(f"{tmp_path}/pretrain"), load_checkpoint(f"{tmp_path}/extend")
+    assert_same_tensors(after["model"], before["model"])
+    assert after["state"]["step"] == 6 and after["state"]["data_position"] == 6  # a fresh run, not a resume
+    wider = tiny_job(*common, f"train.init_from={tmp_path}/pretrain", "model.intermediate_size=64")
+    with pytest.raises(CheckpointError, match=r"train\.init_from: .*pretrain does not fit this model"):
+        Trainer(wider, "mismatch", progress=False).fit()

@@ -146,11 +146,14 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         learner = MetaLearner(Transformer(job.model).to(device), job.ttt)
-        engine = build_engine(learner, job, device)
         checkpointer = Checkpointer(storage, cfg.keep_checkpoints)
+        latest = checkpointer.latest()
+        if latest is None and cfg.init_from:  # before the engine exists: ZeRO-3 partitions the weights
+            self._load_weights(load_checkpoint(cfg.init_from)["model"], learner.model, cfg.init_from)
+        engine = build_engine(learner, job, device)
         state = TrainState()
         last_checkpoint = None
-        if (latest := checkpointer.latest()) is not None:
+        if latest is not None:
             if engine.sharded_checkpoints:
                 payload = checkpointer.load_sharded(engine, latest)
             else:
@@ -159,8 +162,6 @@ class Trainer:
             set_rng_state(payload["rng"])
             state = TrainState(**payload["state"])
             last_checkpoint = checkpointer.describe(latest)
-        elif cfg.init_from:
-            self._load_weights(load_checkpoint(cfg.init_from)["model"], learner.model, cfg.init_from)
 
         tracker = Tracker(job.tracking, job.storage.root, enabled=self.rank == 0)
         state.mlflow_run_id = tracker.start(
