@@ -141,14 +141,6 @@ class Tracker:
 
             mlflow.log_text(text, artifact_file)
 
-    def run_url(self) -> str | None:
-        if not self.uri.startswith("http") or not self.run_id:
-            return None
-        import mlflow
-
-        experiment_id = mlflow.get_run(self.run_id).info.experiment_id
-        return f"{self.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
-
     def curve_of(self, run_id: str) -> tuple[str, list[float]] | None:
         """Name and loss-by-position curve of another run (for the comparison plot), if it logged one."""
         if not self.enabled:
