@@ -26,7 +26,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 bench: install
-	$(PY) benchmarks/meta_step.py
+	$(PY) benchmarks/meta_step.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/workers.py --write benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache platform/*.egg-info
