@@ -98,11 +98,12 @@ def run_parity(path: str | Path) -> dict[str, Any]:
             raise ValueError(
                 f"{path} has no '{key}' entry; is it a reference dump in the golden-file format?"
             )
-    job, step = official.config_from_official(str(dump["config_json"]))
+    entries = {k: dump[k] for k in dump.files}  # each access decompresses: read every entry once
+    job, step = official.config_from_official(str(entries["config_json"]))
     torch.manual_seed(0)
     model = Transformer(job.model)
-    official.load_into(model, official.normalize_keys({k: dump[k] for k in dump.files}, "param/"))
-    tokens = torch.from_numpy(dump["tokens"].astype(np.int64))
+    official.load_into(model, official.normalize_keys(entries, "param/"))
+    tokens = torch.from_numpy(entries["tokens"].astype(np.int64))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if inputs.shape[1] != job.train.seq_len:
         raise ValueError(
@@ -120,13 +121,13 @@ def run_parity(path: str | Path) -> dict[str, Any]:
 
     checks: dict[str, Any] = {}
     for key, (run, read) in _ABS_CHECKS.items():
-        if key in dump.files and (run != "meta" or job.ttt.enabled):
-            checks[key] = _abs_check(read(runs[run]), dump[key])
-    reference_grads = official.normalize_keys({k: dump[k] for k in dump.files}, "grad/")
+        if key in entries and (run != "meta" or job.ttt.enabled):
+            checks[key] = _abs_check(read(runs[run]), entries[key])
+    reference_grads = official.normalize_keys(entries, "grad/")
     if reference_grads:
         checks["grad"] = _grad_check(grads, reference_grads)
     diagnostics = {}
-    first_order = official.normalize_keys({k: dump[k] for k in dump.files}, "grad_first_order/")
+    first_order = official.normalize_keys(entries, "grad_first_order/")
     if first_order:
         # Close to this and far from `grad` would mean the second-order terms are missing.
         diagnostics["grad_rel_distance_to_first_order_reference"] = _grad_check(grads, first_order)["max_rel"]

@@ -9,6 +9,7 @@ for S3-compatible stores); transient S3 errors are retried with exponential back
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,18 +74,29 @@ class LocalStorage(Storage):
         return self.root / name if name else self.root
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        path = self._path(name)
+        self._write_atomic(self._path(name), lambda fh: fh.write(data))
+
+    @staticmethod
+    def _write_atomic(path: Path, fill) -> None:
+        """Write beside the target, then rename over it: readers see the old file or the whole new one."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                fill(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _copy_atomic(self, src: Path, dest: Path) -> None:
+        def fill(fh) -> None:
+            with open(src, "rb") as source:
+                shutil.copyfileobj(source, fh, length=16 << 20)
+
+        self._write_atomic(dest, fill)
 
     def read_bytes(self, name: str) -> bytes:
         return self._path(name).read_bytes()
@@ -102,11 +114,10 @@ class LocalStorage(Storage):
         self._path(name).unlink(missing_ok=True)
 
     def download(self, name: str, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(self.read_bytes(name))
+        self._copy_atomic(self._path(name), Path(dest))
 
     def upload(self, src: Path, name: str) -> None:
-        self.write_bytes(name, Path(src).read_bytes())
+        self._copy_atomic(Path(src), self._path(name))
 
     def check_writable(self) -> None:
         try:

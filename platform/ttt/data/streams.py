@@ -105,10 +105,10 @@ def _fetch_s3(location: str, splits: tuple[str, ...]) -> Path:
                 files = storage.list_recursive(name)
                 if not files:
                     continue  # reported as a missing split when it is opened
-                tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
+                dest.mkdir(parents=True, exist_ok=True)  # the folder is assembled beside its final place,
+                tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest))  # so the rename stays on one disk
                 for rel in files:
                     storage.download(f"{name}/{rel}", tmp / rel)
-                dest.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, dest / name)
         if "meta.json" in top:
             _atomic_download(storage, "meta.json", dest / "meta.json")
