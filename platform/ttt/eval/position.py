@@ -79,6 +79,24 @@ def evaluate(
     )
 
 
+def evaluate_with_and_without_ttt(
+    learner: MetaLearner,
+    batches: Sequence[torch.Tensor],
+    window: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> tuple[EvalResult, EvalResult | None]:
+    """The model as configured, and for a TTT model also the same weights without test-time updates
+    (how much of its gain is adaptation at test time); None for models without TTT."""
+    ttt = learner.ttt
+    result = evaluate(learner, batches, ttt, window, device, autocast, all_reduce)
+    if not (ttt.enabled and learner.model.config.suffix_len):
+        return result, None
+    static = dataclasses.replace(ttt, enabled=False)
+    return result, evaluate(learner, batches, static, window, device, autocast, all_reduce)
+
+
 @dataclass
 class CheckpointEval:
     report: dict
@@ -116,7 +134,7 @@ def evaluate_checkpoint(
     )
     autocast = autocast_for(target, job.train.precision)
     window = job.model.window_size
-    result = evaluate(learner, batches, job.ttt, window, target, autocast)
+    result, static = evaluate_with_and_without_ttt(learner, batches, window, target, autocast)
     report = {
         "checkpoint": checkpoint,
         "step": payload["state"]["step"],
@@ -126,10 +144,7 @@ def evaluate_checkpoint(
         "loss_past_window": result.loss_past_window,
     }
     curves = {"with TTT" if job.ttt.enabled else "model": result.loss_by_position}
-    if job.ttt.enabled and job.model.suffix_len:
-        static = evaluate(
-            learner, batches, dataclasses.replace(job.ttt, enabled=False), window, target, autocast
-        )
+    if static is not None:
         report |= {"loss_no_ttt": static.loss, "loss_past_window_no_ttt": static.loss_past_window}
         curves["TTT off"] = static.loss_by_position
     return CheckpointEval(report, curves, window)

@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,24 +43,39 @@ def tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
+class Found(NamedTuple):
+    """A complete checkpoint in the run directory, and which layout it has."""
+
+    step: int
+    sharded: bool
+
+    @property
+    def name(self) -> str:
+        return f"{FOLDER}/{tag(self.step)}" + ("" if self.sharded else ".pt")
+
+
 class Checkpointer:
     def __init__(self, storage: Storage, keep: int):
         self.storage = storage
         self.keep = keep
 
     def index(self) -> dict[int, str]:
+        """One listing of the folder: step → "pt" or "complete" (cut-off uploads have neither)."""
         return {int(m.group(1)): m.group(2) for n in self.storage.list(FOLDER) if (m := _NAME.match(n))}
 
-    def steps(self) -> list[int]:
-        return sorted(self.index())
+    def newest(self) -> Found | None:
+        index = self.index()
+        if not index:
+            return None
+        step = max(index)
+        return Found(step, index[step] == "complete")
 
     def latest(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        found = self.newest()
+        return None if found is None else found.step
 
-    def describe(self, step: int) -> str:
-        kind = self.index().get(step, "pt")
-        return self.storage.describe(f"{FOLDER}/{tag(step)}" + (".pt" if kind == "pt" else "/"))
+    def describe(self, found: Found) -> str:
+        return self.storage.describe(found.name)
 
     # -- single process ----------------------------------------------------------------------------
 
@@ -68,16 +84,14 @@ class Checkpointer:
         torch.save({"format": FORMAT, **payload}, buffer)
         self.storage.write_bytes(checkpoint_name(step), buffer.getvalue())
         self._prune()
-        return self.storage.describe(checkpoint_name(step))
+        return self.describe(Found(step, sharded=False))
 
-    def load(self, step: int) -> dict:
-        if self.index().get(step) != "pt":
+    def load(self, found: Found) -> dict:
+        if found.sharded:
             raise CheckpointError(
-                f"{self.describe(step)} was written by DeepSpeed; resume with scale.zero_stage set"
+                f"{self.describe(found)} was written by DeepSpeed; resume with scale.zero_stage set"
             )
-        return _decode(
-            self.storage.read_bytes(checkpoint_name(step)), self.storage.describe(checkpoint_name(step))
-        )
+        return _decode(self.storage.read_bytes(found.name), self.describe(found))
 
     # -- DeepSpeed (collective: every rank calls these) --------------------------------------------
 
@@ -97,14 +111,14 @@ class Checkpointer:
             self.storage.write_bytes(f"{FOLDER}/{tag(step)}.complete", json.dumps({"files": files}).encode())
             self._prune()
         engine.barrier()
-        return self.describe(step)
+        return self.describe(Found(step, sharded=True))
 
-    def load_sharded(self, engine, step: int) -> dict:
-        if self.index().get(step) != "complete":
+    def load_sharded(self, engine, found: Found) -> dict:
+        if not found.sharded:
             raise CheckpointError(
-                f"{self.describe(step)} is a single-process checkpoint; resume without ZeRO"
+                f"{self.describe(found)} is a single-process checkpoint; resume without ZeRO"
             )
-        where = self.describe(step)
+        where, step = self.describe(found), found.step
         folder = Path(tempfile.mkdtemp(prefix="ttt-resume-"))
         try:
             for name in json.loads(self.storage.read_bytes(f"{FOLDER}/{tag(step)}.complete"))["files"]:
@@ -154,12 +168,12 @@ def load_checkpoint(uri: str) -> dict:
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {uri} does not exist") from None
     checkpointer = Checkpointer(open_storage(uri), keep=1)
-    step = checkpointer.latest()
-    if step is None:
+    found = checkpointer.newest()
+    if found is None:
         raise CheckpointError(f"no checkpoint under {join(uri, FOLDER)}")
-    if checkpointer.index()[step] == "pt":
-        return checkpointer.load(step)
-    name = f"{FOLDER}/{tag(step)}/ttt.pt"
+    if not found.sharded:
+        return checkpointer.load(found)
+    name = f"{found.name}/ttt.pt"
     return _decode(checkpointer.storage.read_bytes(name), checkpointer.storage.describe(name))
 
 

@@ -23,7 +23,7 @@ from ttt.config import JobConfig, flatten, to_yaml
 from ttt.data import Samples, TrainBatches, open_dataset, split_tokens, validation_batches
 from ttt.data.streams import DataError
 from ttt.errors import UserError
-from ttt.eval.position import EvalResult, evaluate
+from ttt.eval.position import EvalResult, evaluate, evaluate_with_and_without_ttt
 from ttt.model.counting import flops_per_token
 from ttt.model.transformer import Transformer
 from ttt.model.ttt import MetaLearner, inner_lr_at
@@ -147,7 +147,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         learner = MetaLearner(Transformer(job.model).to(device), job.ttt)
         checkpointer = Checkpointer(storage, cfg.keep_checkpoints)
-        latest = checkpointer.latest()
+        latest = checkpointer.newest()
         if latest is None and cfg.init_from:  # before the engine exists: ZeRO-3 partitions the weights
             self._load_weights(load_checkpoint(cfg.init_from)["model"], learner.model, cfg.init_from)
         engine = build_engine(learner, job, device)
@@ -316,14 +316,12 @@ class Trainer:
     def _final_eval(self, engine, val, device, autocast, state, tracker):
         job = self.job
         step = max(state.step - 1, 0)
-        final = self._evaluate(engine, val, job.ttt, device, autocast)
+        final, no_ttt = evaluate_with_and_without_ttt(
+            engine.learner, val, job.model.window_size, device, autocast, engine.all_reduce_sum
+        )
         metrics = {"val/loss": final.loss, "val/loss_past_window": final.loss_past_window}
         curves = {f"{self.run_name} ({variant_label(job)})": final.loss_by_position}
-        no_ttt = None
-        if job.ttt.enabled and job.model.suffix_len:
-            # The same weights without test-time updates: how much of the gain is adaptation at test time.
-            static = dataclasses.replace(job.ttt, enabled=False)
-            no_ttt = self._evaluate(engine, val, static, device, autocast)
+        if no_ttt is not None:
             metrics |= {
                 "val/loss_no_ttt": no_ttt.loss,
                 "val/loss_past_window_no_ttt": no_ttt.loss_past_window,
