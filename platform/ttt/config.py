@@ -156,6 +156,9 @@ class TrainConfig:
     fail_at_step: int | None = Field(
         None, ge=0, description="Drills and tests: fail on purpose before update N (off by default)."
     )
+    report_every_s: float = Field(
+        30.0, ge=0, description="Rewrite <run dir>/progress.json at most this often (and at checkpoints)."
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="Accelerator peak for MFU; None: looked up from the GPU name."
     )
@@ -413,6 +416,15 @@ def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
         except yaml.YAMLError:
             node[leaf] = raw
     return JobConfig.from_dict(data)
+
+
+def merge(cfg: JobConfig, partial: Mapping[str, Any], source: str = "config") -> JobConfig:
+    """`cfg` with the sections and fields of `partial` (a recipe-shaped mapping) laid over it."""
+    if not isinstance(partial, Mapping):
+        raise ConfigError(source, f"expected a mapping, got {type(partial).__name__}")
+    if "preset" in partial:
+        raise ConfigError(f"{source}.preset", "a preset can only start a config, not be merged into one")
+    return JobConfig.from_dict(_deep_merge(cfg.to_dict(), partial))
 
 
 def _path_dict(parts: list[str]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from ttt.tracking.plots import loss_by_position_plot
 from ttt.train.checkpoint import Checkpointer, CheckpointError, load_checkpoint, rng_state, set_rng_state
 from ttt.train.device import autocast_for, peak_flops, resolve_device
 from ttt.train.engine import LocalEngine, NonFiniteGradient
+from ttt.train.report import ProgressReport, read_progress
 
 
 class DivergedError(UserError):
@@ -164,8 +165,17 @@ class Trainer:
             last_checkpoint = checkpointer.describe(latest)
 
         tracker = Tracker(job.tracking, job.storage.root, enabled=self.rank == 0)
+        report = self.report = ProgressReport(
+            storage, cfg.total_steps, cfg.report_every_s, enabled=self.rank == 0
+        )
+        run_id = state.mlflow_run_id
+        if run_id is None and self.rank == 0:
+            # An earlier attempt that died before its first checkpoint still opened the MLflow run.
+            earlier = read_progress(storage) or {}
+            if earlier.get("tracking_uri") == tracker.uri:
+                run_id = earlier.get("mlflow_run_id")
         state.mlflow_run_id = tracker.start(
-            state.mlflow_run_id,
+            run_id,
             self.run_name,
             flatten(job),
             {"ttt.variant": variant_label(job), "ttt.run_dir": storage.uri},
@@ -173,6 +183,9 @@ class Trainer:
         if self.rank == 0:
             storage.write_bytes("config.yaml", to_yaml(job).encode())
         tracker.log_text(to_yaml(job), "config.yaml")
+        report.start(
+            state.step, state.mlflow_run_id, tracker.uri, self._checkpoint_info(state.step, last_checkpoint)
+        )
 
         def save() -> str:
             meta = {"state": dataclasses.asdict(state), "rng": rng_state(), "config": job.to_dict()}
@@ -181,6 +194,7 @@ class Trainer:
             else:
                 uri = checkpointer.save({**engine.state_dict(), **meta}, state.step)
             tracker.set_tags({"ttt.checkpoint": uri})
+            report.checkpoint(state.step, uri)
             if self.on_checkpoint:
                 self.on_checkpoint(state.step, uri)
             return uri
@@ -194,9 +208,11 @@ class Trainer:
             final, final_no_ttt, plot = self._final_eval(engine, val, device, autocast, state, tracker)
         except KeyboardInterrupt:
             tracker.end("KILLED")
+            self._finish_report("killed", "interrupted")
             raise
-        except BaseException:
+        except BaseException as exc:
             tracker.end("FAILED")
+            self._finish_report("failed", f"{type(exc).__name__}: {exc}")
             raise
         tracker.log_text(
             json.dumps({"latest": last_checkpoint, "run_dir": storage.uri}, indent=2), "checkpoints.json"
@@ -214,7 +230,18 @@ class Trainer:
             plot=plot,
         )
         tracker.end("FINISHED")
+        report.finish("succeeded")
         return result
+
+    @staticmethod
+    def _checkpoint_info(step: int, uri: str | None) -> dict | None:
+        return {"step": step, "uri": uri} if uri else None
+
+    def _finish_report(self, state: str, message: str) -> None:
+        try:
+            self.report.finish(state, message)
+        except Exception as exc:  # the run's own error matters more than its report
+            print(f"could not write the run's final progress report: {exc}", file=sys.stderr)
 
     @staticmethod
     def _restore(payload: dict, engine) -> None:
@@ -287,6 +314,7 @@ class Trainer:
                 metrics["train/mfu"] = flops * tokens_per_step / seconds / peak
             tracker.log_metrics(metrics, step)
             progress.update(loss, tokens_per_step / seconds)
+            self.report.step(state.step, loss, tokens_per_step / seconds)
             done = state.step == cfg.total_steps
             if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
                 result = self._evaluate(engine, val, job.ttt, device, autocast)

@@ -1,0 +1,1 @@
+"""Kubernetes operator: TTTJob (and TTTSweep) custom resources to KubeRay RayJobs."""

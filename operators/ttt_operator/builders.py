@@ -1,0 +1,319 @@
+"""Pure builders: a TTTJob (a plain dict, as the API server returns it) → the job config it runs, and the
+ConfigMap and KubeRay RayJob of one attempt. No I/O here, so every manifest can be checked in tests.
+
+Attempt N of TTTJob `x` is the RayJob and ConfigMap `x-aN`. Every attempt runs under the same run name
+(`x-<uid prefix>`), so it writes to the same run directory and MLflow run and resumes from the newest
+checkpoint there.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ttt import config as cfgmod
+from ttt.errors import UserError
+from ttt.storage import join
+from ttt_operator.settings import Settings
+
+GROUP = "ttt.dev"
+VERSION = "v1alpha1"
+PLURAL = "tttjobs"
+KIND = "TTTJob"
+LABEL_JOB = "ttt.dev/job"
+LABEL_ATTEMPT = "ttt.dev/attempt"
+CONFIG_DIR = "/etc/ttt"
+CONFIG_FILE = "job.yaml"
+
+
+class SpecError(UserError):
+    """The TTTJob's spec cannot be turned into a runnable job; `field` is its path in the resource."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the pods look like: derived from the spec, shared by the config and the RayJob."""
+
+    nodes: int
+    gpus_per_node: int
+    cpu: str
+    memory: str
+    shared_memory: str
+
+    @property
+    def workers_per_node(self) -> int:
+        return max(self.gpus_per_node, 1)
+
+    @property
+    def workers(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+def layout(spec: dict[str, Any]) -> Layout:
+    gpus = int(spec.get("gpusPerNode", 0))
+    res = spec.get("resources") or {}
+    return Layout(
+        nodes=int(spec.get("numNodes", 1)),
+        gpus_per_node=gpus,
+        # A GPU node needs CPUs to feed each GPU and host memory for the optimizer and data.
+        cpu=str(res.get("cpu", 8 * gpus if gpus else 2)),
+        memory=str(res.get("memory", f"{64 * gpus}Gi" if gpus else "4Gi")),
+        shared_memory=str(res.get("sharedMemory", f"{8 * gpus}Gi" if gpus else "1Gi")),
+    )
+
+
+def cpu_cores(quantity: str) -> float:
+    """Kubernetes CPU quantity → cores ('500m' → 0.5)."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def run_name(job: dict[str, Any]) -> str:
+    """Stable across attempts, unique across re-created jobs of the same name."""
+    meta = job["metadata"]
+    return f"{meta['name']}-{meta['uid'].replace('-', '')[:8]}"
+
+
+def attempt_name(job_name: str, attempt: int) -> str:
+    return f"{job_name}-a{attempt}"
+
+
+def storage_root(spec: dict[str, Any], settings: Settings) -> str:
+    return spec.get("storageUri") or settings.storage_uri
+
+
+def storage_path(job: dict[str, Any], settings: Settings) -> str:
+    return join(storage_root(job["spec"], settings), run_name(job))
+
+
+# -- the job config ---------------------------------------------------------------------------------
+
+
+def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
+    """recipe → config laid over it → overrides → the TTT knobs → what the platform decides."""
+    spec = job["spec"]
+    try:
+        cfg = _base_config(spec)
+        cfg = cfgmod.apply_overrides(cfg, spec.get("overrides") or [])
+    except cfgmod.ConfigError as exc:
+        where = "spec.overrides" if _from_overrides(exc, spec) else "spec.config"
+        raise SpecError(f"{where}.{exc.field}", exc.message) from None
+    shape = layout(spec)
+    knobs = spec.get("ttt") or {}
+    data = cfg.to_dict()
+    for key, (section, field) in {
+        "windowSize": ("model", "window_size"),
+        "miniBatchSize": ("ttt", "mini_batch_size"),
+        "seqLen": ("train", "seq_len"),
+    }.items():
+        if key in knobs:
+            data[section][field] = knobs[key]
+    gpus = shape.gpus_per_node > 0
+    data["scale"].update(
+        workers=shape.workers,
+        gpus_per_worker=1.0 if gpus else 0.0,
+        # One worker per GPU (per pod on CPU) with that share of the pod's CPUs, so that Ray places
+        # exactly `workers_per_node` workers on each worker pod.
+        cpus_per_worker=max(cpu_cores(shape.cpu) / shape.workers_per_node, 0.5),
+        ray_address="auto",
+    )
+    stage = (spec.get("deepspeed") or {}).get("stage")
+    if stage is not None:
+        data["scale"]["zero_stage"] = stage
+    data["train"]["device"] = "cuda" if gpus else "cpu"
+    mlflow = spec.get("mlflow") or {}
+    data["storage"]["root"] = storage_root(spec, settings)
+    data["tracking"].update(
+        uri=mlflow.get("trackingUri") or settings.mlflow_tracking_uri or data["tracking"]["uri"],
+        experiment=mlflow.get("experiment", "ttt-e2e"),
+        run_name=run_name(job),
+    )
+    try:
+        return cfgmod.JobConfig.from_dict(data)
+    except cfgmod.ConfigError as exc:
+        raise SpecError(_spec_field(exc.field), exc.message) from None
+
+
+def _base_config(spec: dict[str, Any]) -> cfgmod.JobConfig:
+    partial = spec.get("config") or {}
+    recipe = spec.get("recipe")
+    if recipe is None:
+        return cfgmod.from_yaml(yaml.safe_dump(partial), source="spec.config")
+    path = cfgmod.find_recipe(recipe)
+    if path is None:
+        known = ", ".join(cfgmod.recipe_names())
+        raise SpecError("spec.recipe", f"no recipe '{recipe}' in the image; known: {known}")
+    return cfgmod.merge(cfgmod.load(path), partial, source="spec.config")
+
+
+def _from_overrides(exc: cfgmod.ConfigError, spec: dict[str, Any]) -> bool:
+    return any(item.split("=", 1)[0].strip() == exc.field for item in spec.get("overrides") or [])
+
+
+# Config fields the spec sets through its own typed fields: errors there point at those.
+_SPEC_FIELDS = {
+    "model.window_size": "spec.ttt.windowSize",
+    "ttt.mini_batch_size": "spec.ttt.miniBatchSize",
+    "train.seq_len": "spec.ttt.seqLen",
+    "scale.workers": "spec.numNodes",
+    "scale.zero_stage": "spec.deepspeed.stage",
+    "storage.root": "spec.storageUri",
+    "tracking.experiment": "spec.mlflow.experiment",
+}
+
+
+def _spec_field(field: str) -> str:
+    return _SPEC_FIELDS.get(field, f"spec.config.{field}")
+
+
+# -- manifests --------------------------------------------------------------------------------------
+
+
+def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _labels(job: dict[str, Any], attempt: int) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "ttt",
+        "app.kubernetes.io/managed-by": "ttt-operator",
+        LABEL_JOB: job["metadata"]["name"],
+        LABEL_ATTEMPT: str(attempt),
+    }
+
+
+def _metadata(job: dict[str, Any], attempt: int, extra_labels: dict[str, str] | None = None) -> dict:
+    return {
+        "name": attempt_name(job["metadata"]["name"], attempt),
+        "namespace": job["metadata"]["namespace"],
+        "labels": {**(extra_labels or {}), **_labels(job, attempt)},
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def config_map(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, attempt),
+        "data": {CONFIG_FILE: cfgmod.to_yaml(cfg)},
+    }
+
+
+def entrypoint(cfg: cfgmod.JobConfig) -> str:
+    run = cfg.tracking.run_name or "run"
+    return shlex.join(
+        ["python", "-m", "ttt", "train", f"{CONFIG_DIR}/{CONFIG_FILE}", "--run-name", run, "--no-progress"]
+    )
+
+
+def _env(settings: Settings, gpus: bool) -> tuple[list[dict], list[dict]]:
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if not gpus:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})  # DeepSpeed would look for CUDA
+    if settings.s3_endpoint_url:
+        env += [
+            {"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint_url},
+            {"name": "MLFLOW_S3_ENDPOINT_URL", "value": settings.s3_endpoint_url},
+        ]
+    env_from = [{"secretRef": {"name": settings.s3_secret}}] if settings.s3_secret else []
+    return env, env_from
+
+
+def _volumes(attempt_cm: str, shape: Layout, settings: Settings, root: str) -> tuple[list, list]:
+    volumes = [
+        {"name": "job-config", "configMap": {"name": attempt_cm}},
+        # /dev/shm is 64Mi in a container by default: too small for NCCL and data loader workers.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shared_memory}},
+    ]
+    mounts = [
+        {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if settings.runs_pvc and not root.startswith("s3://"):
+        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": settings.runs_pvc}})
+        mounts.append({"name": "runs", "mountPath": settings.runs_mount})
+    return volumes, mounts
+
+
+def _pod_template(
+    job: dict, name: str, resources: dict, settings: Settings, shape: Layout, root: str, cm: str
+) -> dict[str, Any]:
+    spec = job["spec"]
+    env, env_from = _env(settings, shape.gpus_per_node > 0)
+    volumes, mounts = _volumes(cm, shape, settings, root)
+    container: dict[str, Any] = {
+        "name": name,
+        "image": spec.get("image") or settings.default_image,
+        "resources": {"requests": resources, "limits": resources},
+        "env": env,
+        "volumeMounts": mounts,
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    if spec.get("imagePullPolicy"):
+        container["imagePullPolicy"] = spec["imagePullPolicy"]
+    return {
+        "metadata": {"labels": {LABEL_JOB: job["metadata"]["name"]}},
+        "spec": {"containers": [container], "volumes": volumes},
+    }
+
+
+def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: Settings) -> dict:
+    spec = job["spec"]
+    shape = layout(spec)
+    root = storage_root(spec, settings)
+    cm = attempt_name(job["metadata"]["name"], attempt)
+    worker_res = {"cpu": shape.cpu, "memory": shape.memory}
+    if shape.gpus_per_node:
+        worker_res["nvidia.com/gpu"] = str(shape.gpus_per_node)
+    head_res = {"cpu": "2", "memory": "8Gi"}
+    group = "gpu-workers" if shape.gpus_per_node else "cpu-workers"
+    body: dict[str, Any] = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": _metadata(job, attempt, spec.get("labels")),
+        "spec": {
+            "entrypoint": entrypoint(cfg),
+            "submissionMode": "K8sJobMode",
+            # One Ray cluster per attempt, torn down when the job ends; retries are the operator's.
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 60,
+            "backoffLimit": 0,
+            "rayClusterSpec": {
+                "rayVersion": settings.ray_version,
+                "headGroupSpec": {
+                    # The head runs the driver only: no training worker may land there.
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": _pod_template(job, "ray-head", head_res, settings, shape, root, cm),
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": group,
+                        "replicas": shape.nodes,
+                        "minReplicas": shape.nodes,
+                        "maxReplicas": shape.nodes,
+                        "rayStartParams": {},
+                        "template": _pod_template(job, "ray-worker", worker_res, settings, shape, root, cm),
+                    }
+                ],
+            },
+        },
+    }
+    if spec.get("activeDeadlineSeconds"):
+        body["spec"]["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
+    return body

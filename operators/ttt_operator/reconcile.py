@@ -1,0 +1,135 @@
+"""What to do about one TTTJob, decided from what exists: a pure function, so that a restarted operator
+(or a second look at the same state) reaches the same decision and creates nothing twice.
+
+The RayJobs a TTTJob owns (labelled with their attempt number) are the record: failed attempts are counted
+from them, the newest one is followed, and a new attempt is created only when the newest one failed within
+the backoff limit, or when there is none (first start, resume after suspend, RayJob deleted by hand).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ttt.config import JobConfig
+from ttt_operator.builders import LABEL_ATTEMPT, SpecError, attempt_name
+from ttt_operator.status import (
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    TERMINAL,
+    Outcome,
+    failure_message,
+    outcome,
+    phase_conditions,
+    progress_status,
+)
+
+_ACTIVE = (Outcome.STARTING, Outcome.QUEUED, Outcome.RUNNING)
+
+
+@dataclass
+class Plan:
+    create: int | None = None
+    """Attempt whose ConfigMap and RayJob to create."""
+    delete: list[str] = field(default_factory=list)
+    """RayJobs to delete (suspension)."""
+    status: dict[str, Any] = field(default_factory=dict)
+    """Merge patch for the TTTJob's status (None values remove a field)."""
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    """(type, reason, message) Events to post on the TTTJob."""
+
+
+def by_attempt(rayjobs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    out = {}
+    for rj in rayjobs:
+        label = (rj["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "")
+        if label.isdigit():
+            out[int(label)] = rj
+    return out
+
+
+def plan(
+    job: dict[str, Any],
+    rayjobs: dict[int, dict[str, Any]],
+    report: dict[str, Any] | None,
+    config: JobConfig | SpecError,
+    run: tuple[str, str],
+    now: str,
+) -> Plan:
+    """`config` is the rendered job config (or why it cannot be rendered); `run` is (run name, path)."""
+    spec, old = job["spec"], job.get("status") or {}
+    name = job["metadata"]["name"]
+    limit = int(spec.get("backoffLimit", 2))
+    attempt = max(int(old.get("attempt") or 0), max(rayjobs, default=0))
+    current = rayjobs.get(attempt)
+    result = outcome(current) if current else None
+    failed = sum(outcome(rj) is Outcome.FAILED for rj in rayjobs.values())
+    out = Plan()
+
+    if result is Outcome.SUCCEEDED:
+        phase, reason, message = SUCCEEDED, "Succeeded", f"attempt {attempt} finished"
+    elif result is Outcome.TIMED_OUT:
+        phase, reason, message = FAILED, "DeadlineExceeded", failure_message(current)
+    elif spec.get("suspend"):
+        if current is not None and result in _ACTIVE:
+            out.delete.append(current["metadata"]["name"])
+        phase, reason = SUSPENDED, "Suspended"
+        message = "the Ray cluster is released; set spec.suspend=false to resume from the last checkpoint"
+    elif result is Outcome.FAILED and failed > limit:
+        phase, reason = FAILED, "BackoffLimitExceeded"
+        message = f"{failed} failed attempts, backoffLimit {limit}; last: {failure_message(current)}"
+    elif current is None or result is Outcome.FAILED:
+        if isinstance(config, SpecError):
+            phase, reason, message = FAILED, "InvalidSpec", str(config)
+        else:
+            attempt += 1
+            out.create = attempt
+            phase, message = PENDING, f"RayJob {attempt_name(name, attempt)} created"
+            if result is Outcome.FAILED:
+                reason = "Retrying"
+                out.events.append(("Warning", "AttemptFailed", failure_message(current)))
+                message += f" (retry {failed} of {limit})"
+            else:
+                reason = "Resumed" if old.get("phase") == SUSPENDED else "Created"
+            out.events.append(("Normal", reason, message))
+    elif result is Outcome.RUNNING:
+        workers = config.scale.workers if isinstance(config, JobConfig) else "?"
+        phase, reason, message = RUNNING, "Running", f"attempt {attempt} training on {workers} workers"
+    elif result is Outcome.QUEUED:
+        phase, reason = PENDING, "Queued"
+        message = f"RayJob {attempt_name(name, attempt)} waits to be admitted by its queue"
+    else:
+        phase, reason = PENDING, "Starting"
+        message = f"RayJob {attempt_name(name, attempt)} is starting its Ray cluster"
+
+    if phase != old.get("phase"):
+        kind = "Warning" if phase == FAILED else "Normal"
+        if not out.events or out.events[-1][1] != reason:
+            out.events.append((kind, reason, message))
+    generation = job["metadata"].get("generation")
+    status: dict[str, Any] = {
+        **progress_status(report),
+        "phase": phase,
+        "message": message,
+        "observedGeneration": generation,
+        "attempt": attempt,
+        "failedAttempts": failed,
+        "rayJobName": attempt_name(name, attempt) if attempt else None,
+        "runName": run[0],
+        "storagePath": run[1],
+        "conditions": phase_conditions(old.get("conditions") or [], phase, reason, message, generation, now),
+        "startTime": old.get("startTime") or (now if phase == RUNNING else None),
+        "completionTime": (old.get("completionTime") or now) if phase in TERMINAL else None,
+    }
+    if isinstance(config, JobConfig):
+        status["config"] = {
+            "windowSize": config.model.window_size,
+            "miniBatchSize": config.ttt.mini_batch_size,
+            "seqLen": config.train.seq_len,
+            "workers": config.scale.workers,
+        }
+    out.status = status
+    return out
