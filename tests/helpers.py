@@ -10,7 +10,8 @@ import torch
 from ttt.config import JobConfig, ModelConfig, TrainConfig, TTTConfig
 from ttt.model.transformer import Transformer
 
-DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 GOLDEN = DATA / "golden_tiny_fp32.npz"
 
 torch.set_num_threads(2)

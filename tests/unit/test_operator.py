@@ -1,0 +1,319 @@
+"""The operator's pure parts: TTTJob → job config, ConfigMap and RayJob (checked against KubeRay's CRD);
+RayJob status → TTTJob status; the reconcile decision in every situation a job meets."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.helpers import DATA, ROOT
+from ttt import config as cfgmod
+from ttt_operator import builders
+from ttt_operator.builders import SpecError
+from ttt_operator.reconcile import by_attempt, plan
+from ttt_operator.settings import Settings
+from ttt_operator.status import Outcome, outcome, phase_conditions, progress_status, set_condition
+
+EXAMPLES = ROOT / "jobs" / "examples"
+SETTINGS = Settings(
+    default_image="registry.example/ttt:test",
+    mlflow_tracking_uri="http://mlflow.ttt.svc:5000",
+    storage_uri="/runs",
+    runs_pvc="ttt-runs",
+    s3_endpoint_url="http://minio.storage.svc:9000",
+    s3_secret="s3-credentials",
+)
+UID = "0a1b2c3d-0000-4000-8000-000000000001"
+
+
+def example(name: str, **spec) -> dict:
+    job = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    job["metadata"].update(namespace="research", uid=UID, generation=1)
+    job["spec"].update(spec)
+    return job
+
+
+@functools.cache
+def rayjob_schema() -> dict:
+    crd = yaml.safe_load((DATA / "kuberay" / "ray.io_rayjobs.yaml").read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+# -- builders ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "workers", "gpus", "nodes"),
+    [("tiny-cpu", 1, 0, 1), ("125m-pretrain-8k", 8, 8, 1), ("760m-ext-32k", 32, 8, 4)],
+)
+def test_examples_render_to_valid_rayjobs(name, workers, gpus, nodes):
+    job = example(name)
+    cfg = builders.render_config(job, SETTINGS)
+    rayjob = builders.ray_job(job, 3, cfg, SETTINGS)
+    jsonschema.validate(rayjob, rayjob_schema())
+
+    assert rayjob["metadata"]["name"] == f"{job['metadata']['name']}-a3"
+    assert rayjob["metadata"]["labels"]["ttt.dev/attempt"] == "3"
+    for key, value in (job["spec"].get("labels") or {}).items():
+        assert rayjob["metadata"]["labels"][key] == value
+    owner = rayjob["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("TTTJob", UID, True)
+
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == nodes
+    worker = group["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"].get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for container in (head, worker):
+        assert container["image"] == job["spec"].get("image", SETTINGS.default_image)
+        assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/etc/ttt", "/dev/shm"}
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+        assert {"name": "AWS_ENDPOINT_URL", "value": SETTINGS.s3_endpoint_url} in container["env"]
+
+    assert cfg.scale.workers == workers
+    assert cfg.scale.gpus_per_worker == (1.0 if gpus else 0.0)
+    assert cfg.scale.ray_address == "auto"
+    assert cfg.tracking.run_name == f"{job['metadata']['name']}-0a1b2c3d"
+    assert rayjob["spec"]["entrypoint"] == (
+        f"python -m ttt train /etc/ttt/job.yaml --run-name {cfg.tracking.run_name} --no-progress"
+    )
+    assert cfg.model.window_size == job["spec"]["ttt"]["windowSize"]
+    assert cfg.ttt.mini_batch_size == job["spec"]["ttt"]["miniBatchSize"]
+
+
+def test_config_map_holds_the_rendered_config():
+    job = example("tiny-cpu")
+    cfg = builders.render_config(job, SETTINGS)
+    cm = builders.config_map(job, 1, cfg)
+    assert cm["metadata"]["name"] == "tiny-cpu-a1"
+    assert cfgmod.from_yaml(cm["data"]["job.yaml"]) == cfg
+    assert cfg.storage.root == "/runs" and cfg.tracking.uri == SETTINGS.mlflow_tracking_uri
+    assert cfg.tracking.experiment == "ttt-tiny"
+
+
+def test_runs_volume_only_for_path_storage():
+    on_pvc = builders.ray_job(
+        example("tiny-cpu"), 1, builders.render_config(example("tiny-cpu"), SETTINGS), SETTINGS
+    )
+    volumes = on_pvc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert {"name": "runs", "persistentVolumeClaim": {"claimName": "ttt-runs"}} in volumes
+    s3_job = example("125m-pretrain-8k")
+    on_s3 = builders.ray_job(s3_job, 1, builders.render_config(s3_job, SETTINGS), SETTINGS)
+    volumes = on_s3["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert "runs" not in {v["name"] for v in volumes}
+
+
+def test_spec_precedence_recipe_config_overrides_knobs():
+    job = example(
+        "tiny-cpu",
+        config={"train": {"total_steps": 40}, "optim": {"warmup_steps": 4}},
+        overrides=["train.total_steps=50", "model.window_size=32"],
+        ttt={"windowSize": 128, "miniBatchSize": 64, "seqLen": 512},
+        deepspeed={"stage": 1},
+    )
+    cfg = builders.render_config(job, SETTINGS)
+    assert cfg.train.total_steps == 50  # overrides beat config
+    assert cfg.optim.warmup_steps == 4  # config beats the recipe
+    assert (cfg.model.window_size, cfg.ttt.mini_batch_size, cfg.train.seq_len) == (128, 64, 512)
+    assert cfg.scale.zero_stage == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"recipe": "tiny-gpu"}, "spec.recipe", "known: "),
+        ({"config": {"model": {"windw_size": 3}}}, "spec.config.model.windw_size", "did you mean"),
+        ({"config": {"train": {"total_steps": "many"}}}, "spec.config.train.total_steps", "integer"),
+        ({"overrides": ["train.totl_steps=3"]}, "spec.overrides.train.totl_steps", "did you mean"),
+        ({"ttt": {"miniBatchSize": 48}}, "spec.ttt.seqLen", "not divisible"),
+        (
+            {"config": {"train": {"global_batch_size": 3}}, "numNodes": 2},
+            "spec.config.train.global_batch_size",
+            "split",
+        ),
+    ],
+)
+def test_bad_specs_name_the_field(change, field, words):
+    with pytest.raises(SpecError) as err:
+        builders.render_config(example("tiny-cpu", **change), SETTINGS)
+    assert err.value.field == field
+    assert words in str(err.value)
+
+
+def test_config_without_recipe_may_start_from_a_preset():
+    job = example("tiny-cpu")
+    del job["spec"]["recipe"]
+    job["spec"]["config"] = {"preset": "tiny", "train": {"total_steps": 7}, "optim": {"warmup_steps": 1}}
+    cfg = builders.render_config(job, SETTINGS)
+    assert cfg.train.total_steps == 7 and cfg.model == cfgmod.preset("tiny").model
+
+
+# -- status -----------------------------------------------------------------------------------------
+
+
+def rayjob(attempt: int, deployment: str = "", job_status: str = "", **status) -> dict:
+    body = {
+        "metadata": {"name": f"tiny-cpu-a{attempt}", "labels": {"ttt.dev/attempt": str(attempt)}},
+        "status": {"jobDeploymentStatus": deployment, "jobStatus": job_status, **status},
+    }
+    return body
+
+
+@pytest.mark.parametrize(
+    ("deployment", "job_status", "extra", "expected"),
+    [
+        ("", "", {}, Outcome.STARTING),
+        ("Initializing", "", {}, Outcome.STARTING),
+        ("Running", "PENDING", {}, Outcome.STARTING),
+        ("Running", "RUNNING", {}, Outcome.RUNNING),
+        ("Complete", "SUCCEEDED", {}, Outcome.SUCCEEDED),
+        ("Complete", "FAILED", {}, Outcome.FAILED),
+        ("Complete", "STOPPED", {}, Outcome.FAILED),
+        ("Failed", "", {"reason": "SubmissionFailed"}, Outcome.FAILED),
+        ("ValidationFailed", "", {}, Outcome.FAILED),
+        ("Failed", "RUNNING", {"reason": "DeadlineExceeded"}, Outcome.TIMED_OUT),
+        ("Suspended", "", {}, Outcome.QUEUED),
+    ],
+)
+def test_rayjob_outcome(deployment, job_status, extra, expected):
+    assert outcome(rayjob(1, deployment, job_status, **extra)) is expected
+
+
+def test_condition_transition_time_moves_only_on_change():
+    first = set_condition([], "Running", True, "Running", "m", 1, "2026-01-01T00:00:00Z")
+    again = set_condition(first, "Running", True, "Running", "m2", 2, "2026-01-02T00:00:00Z")
+    flipped = set_condition(again, "Running", False, "Done", "m3", 2, "2026-01-03T00:00:00Z")
+    assert again[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z" and again[0]["observedGeneration"] == 2
+    assert flipped[0]["lastTransitionTime"] == "2026-01-03T00:00:00Z" and flipped[0]["status"] == "False"
+
+
+def test_exactly_one_phase_condition_is_true():
+    conds = phase_conditions([], "Running", "Running", "m", 1, "t0")
+    conds = phase_conditions(conds, "Succeeded", "Succeeded", "m", 1, "t1")
+    true = {c["type"] for c in conds if c["status"] == "True"}
+    assert true == {"Created", "Succeeded"}
+    assert next(c for c in conds if c["type"] == "Running")["status"] == "False"
+
+
+def test_progress_status_from_report():
+    report = {
+        "state": "running",
+        "step": 12,
+        "total_steps": 300,
+        "loss": 2.123456,
+        "tokens_per_second": 1234.56,
+        "mlflow_run_id": "abc",
+        "last_checkpoint": {"step": 10, "uri": "/runs/x/checkpoints/step-10"},
+        "updated": "2026-11-29T10:00:00+00:00",
+    }
+    out = progress_status(report)
+    assert out["progress"] == {
+        "step": 12,
+        "totalSteps": 300,
+        "stepOfTotal": "12/300",
+        "loss": 2.1235,
+        "tokensPerSecond": 1234.6,
+        "updated": "2026-11-29T10:00:00Z",
+    }
+    assert out["mlflowRunId"] == "abc" and out["lastCheckpoint"]["step"] == 10
+    assert progress_status(None) == {} and progress_status({"state": "starting"}) == {}
+
+
+# -- the reconcile decision -------------------------------------------------------------------------
+
+
+def decide(job, rayjobs, report=None, config=None):
+    config = config if config is not None else builders.render_config(job, SETTINGS)
+    run = (builders.run_name(job), builders.storage_path(job, SETTINGS))
+    return plan(job, by_attempt(rayjobs), report, config, run, "2026-11-29T12:00:00Z")
+
+
+def with_status(job, todo):
+    job = copy.deepcopy(job)
+    job["status"] = {k: v for k, v in todo.status.items() if v is not None}
+    return job
+
+
+def test_first_pass_creates_attempt_one():
+    job = example("tiny-cpu")
+    todo = decide(job, [])
+    assert todo.create == 1 and not todo.delete
+    assert todo.status["phase"] == "Pending" and todo.status["rayJobName"] == "tiny-cpu-a1"
+    assert todo.status["storagePath"] == "/runs/tiny-cpu-0a1b2c3d"
+    assert todo.status["config"] == {"windowSize": 64, "miniBatchSize": 32, "seqLen": 256, "workers": 1}
+    assert ("Normal", "Created", "RayJob tiny-cpu-a1 created") in todo.events
+
+
+def test_same_state_twice_creates_nothing_twice():
+    job = example("tiny-cpu")
+    job = with_status(job, decide(job, []))
+    todo = decide(job, [rayjob(1)])  # the attempt exists: follow it
+    assert todo.create is None and todo.status["phase"] == "Pending"
+    restarted = example("tiny-cpu")  # an operator that lost the status update still sees attempt 1
+    assert decide(restarted, [rayjob(1, "Running", "RUNNING")]).create is None
+
+
+def test_running_then_succeeded():
+    job = example("tiny-cpu")
+    running = decide(job, [rayjob(1, "Running", "RUNNING")])
+    assert running.status["phase"] == "Running" and running.status["startTime"]
+    assert ("Normal", "Running", "attempt 1 training on 1 workers") in running.events
+    job = with_status(job, running)
+    done = decide(job, [rayjob(1, "Complete", "SUCCEEDED")], report={"step": 300, "total_steps": 300})
+    assert done.status["phase"] == "Succeeded" and done.status["completionTime"]
+    assert done.status["progress"]["stepOfTotal"] == "300/300"
+    assert done.status["startTime"] == job["status"]["startTime"]
+
+
+def test_failed_attempts_retry_up_to_the_backoff_limit():
+    job = example("tiny-cpu", backoffLimit=2)
+    failed1 = rayjob(1, "Complete", "FAILED", message="worker died")
+    retry = decide(job, [failed1])
+    assert retry.create == 2 and retry.status["failedAttempts"] == 1
+    assert retry.status["phase"] == "Pending" and retry.status["conditions"][0]["reason"] == "Retrying"
+    assert any(kind == "Warning" and reason == "AttemptFailed" for kind, reason, _ in retry.events)
+    failed2 = rayjob(2, "Failed", "", reason="AppFailed")
+    assert decide(with_status(job, retry), [failed1, failed2]).create == 3
+    failed3 = rayjob(3, "Complete", "FAILED")
+    final = decide(job, [failed1, failed2, failed3])
+    assert final.create is None and final.status["phase"] == "Failed"
+    failed = next(c for c in final.status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "BackoffLimitExceeded")
+    assert "3 failed attempts" in final.status["message"]
+
+
+def test_deadline_is_final():
+    job = example("tiny-cpu", backoffLimit=5)
+    todo = decide(job, [rayjob(1, "Failed", "RUNNING", reason="DeadlineExceeded")])
+    assert todo.create is None and todo.status["phase"] == "Failed"
+
+
+def test_suspend_deletes_the_attempt_and_resume_starts_a_new_one():
+    job = example("tiny-cpu", suspend=True)
+    running = rayjob(1, "Running", "RUNNING")
+    todo = decide(job, [running])
+    assert todo.delete == ["tiny-cpu-a1"] and todo.create is None and todo.status["phase"] == "Suspended"
+    job = with_status(job, todo)
+    job["spec"]["suspend"] = False
+    resumed = decide(job, [])
+    assert resumed.create == 2 and resumed.status["failedAttempts"] == 0
+    assert ("Normal", "Resumed", "RayJob tiny-cpu-a2 created") in resumed.events
+
+
+def test_invalid_spec_fails_without_creating_and_recovers_when_fixed():
+    job = example("tiny-cpu", ttt={"windowSize": 64, "miniBatchSize": 48})
+    with pytest.raises(SpecError) as err:
+        builders.render_config(job, SETTINGS)
+    todo = decide(job, [], config=err.value)
+    assert todo.create is None and todo.status["phase"] == "Failed"
+    assert "spec.ttt.seqLen" in todo.status["message"] and "config" not in todo.status
+    job = with_status(job, todo)
+    job["spec"]["ttt"]["miniBatchSize"] = 32
+    assert decide(job, []).create == 1
