@@ -14,7 +14,9 @@ from tests.integration.services import ROOT, TINY
 from ttt.config import resolve
 from ttt.data.corpus import prepare
 from ttt.data.tokenizer import ByteTokenizer
+from ttt.storage import open_storage
 from ttt.train.checkpoint import CheckpointError, load_checkpoint
+from ttt.train.report import read_progress
 from ttt.train.trainer import DivergedError, InjectedFailure, Trainer
 
 
@@ -73,6 +75,36 @@ def test_resume_continues_exactly_in_the_same_mlflow_run(tmp_path, text_dataset,
         assert sorted(m.step for m in metrics) == list(range(6))  # no gaps, no duplicates
     by_step = [{m.step: m.value for m in metrics} for metrics in history.values()]
     assert by_step[0] == by_step[1]
+
+
+def test_progress_report_and_an_attempt_without_checkpoint_keeps_the_mlflow_run(
+    tmp_path, text_dataset, mlflow_server
+):
+    common = [
+        f"data.path={text_dataset}",
+        f"storage.root={tmp_path}",
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=progress",
+        "train.report_every_s=0",
+    ]
+    # Fails before its first checkpoint (every 3 steps): only progress.json knows the MLflow run.
+    with pytest.raises(InjectedFailure):
+        Trainer(tiny_job(*common, "train.fail_at_step=1"), "attempts", progress=False).fit()
+    run_dir = open_storage(str(tmp_path / "attempts"))
+    failed = read_progress(run_dir)
+    assert failed["state"] == "failed" and failed["step"] == 1 and "InjectedFailure" in failed["message"]
+    assert "last_checkpoint" not in failed
+
+    result = Trainer(tiny_job(*common), "attempts", progress=False).fit()
+    assert result.mlflow_run_id == failed["mlflow_run_id"]
+    done = read_progress(run_dir)
+    assert (done["state"], done["step"], done["total_steps"]) == ("succeeded", 6, 6)
+    assert done["last_checkpoint"] == {"step": 6, "uri": result.last_checkpoint}
+    assert (
+        done["tracking_uri"] == mlflow_server
+        and math.isfinite(done["loss"])
+        and done["tokens_per_second"] > 0
+    )
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, mlflow_server, monkeypatch):
