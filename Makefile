@@ -3,12 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench chart clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml infra/install-venv.sh
+$(STAMP): pyproject.toml infra/install-venv.sh infra/install-helm.sh
 	infra/install-venv.sh $(VENV) dev
+	infra/install-helm.sh $(VENV)
 	@touch $@
 
 demo: install
@@ -28,6 +29,12 @@ format: install
 bench: install
 	$(PY) benchmarks/meta_step.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/workers.py --write benchmarks/RESULTS.md
+
+# The Helm chart: lint (helm keeps its cache and config inside the venv, not in the home folder), then its tests.
+chart: install
+	HELM_CACHE_HOME=$(VENV)/helm-home/cache HELM_CONFIG_HOME=$(VENV)/helm-home/config \
+	  HELM_DATA_HOME=$(VENV)/helm-home/data $(VENV)/bin/helm lint --strict charts/ttt-platform
+	$(PY) -m pytest -q tests/chart
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache platform/*.egg-info

@@ -1,0 +1,167 @@
+{{/*
+Names, labels and the derived settings every template agrees on.
+Object names are cut to 63 characters (the DNS-label limit of Service and label values).
+*/}}
+
+{{- define "ttt-platform.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-<chart>", or the release name alone when it already contains the chart name. */}}
+{{- define "ttt-platform.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ttt-platform.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select a component's pods; call with (dict "root" $ "component" "operator"). */}}
+{{- define "ttt-platform.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ttt-platform.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Labels of every object; call with (dict "root" $ "component" "operator"). */}}
+{{- define "ttt-platform.labels" -}}
+helm.sh/chart: {{ include "ttt-platform.chart" .root }}
+{{ include "ttt-platform.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: ttt-platform
+{{- end }}
+
+{{/* "repository:tag" of a component image; call with (dict "root" $ "image" .Values.operator.image). */}}
+{{- define "ttt-platform.image" -}}
+{{- $global := .root.Values.image }}
+{{- $repository := default $global.repository .image.repository }}
+{{- $tag := default (default .root.Chart.AppVersion $global.tag) .image.tag }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
+
+{{- define "ttt-platform.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+{{- if kindIs "string" . }}
+  - name: {{ . | quote }}
+{{- else }}
+  - name: {{ .name | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "ttt-platform.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (printf "%s-operator" (include "ttt-platform.fullname" .)) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name must name an existing ServiceAccount when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level security settings shared by every pod of the chart. */}}
+{{- define "ttt-platform.podSecurityContext" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: {{ .Values.podSecurity.runAsUser }}
+  {{- with .Values.podSecurity.runAsGroup }}
+  runAsGroup: {{ . }}
+  {{- end }}
+  {{- with .Values.podSecurity.fsGroup }}
+  fsGroup: {{ . }}
+  {{- end }}
+  seccompProfile:
+    type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level security settings shared by every container of the chart. */}}
+{{- define "ttt-platform.containerSecurityContext" -}}
+securityContext:
+  runAsNonRoot: true
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+  seccompProfile:
+    type: RuntimeDefault
+{{- end }}
+
+{{/* ---------- MLflow ---------- */}}
+
+{{- define "ttt-platform.mlflow.serviceName" -}}
+{{- printf "%s-mlflow" (include "ttt-platform.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The tracking URI pods log to: the in-chart server, or the external one (then required). */}}
+{{- define "ttt-platform.mlflow.trackingUri" -}}
+{{- if .Values.mlflow.enabled }}
+{{- printf "http://%s.%s.svc:5000" (include "ttt-platform.mlflow.serviceName" .) .Release.Namespace }}
+{{- else }}
+{{- required "mlflow.external.trackingUri is required when mlflow.enabled is false (e.g. --set mlflow.external.trackingUri=http://mlflow.tracking.svc:5000)" .Values.mlflow.external.trackingUri }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the server keeps something on its own volume: the sqlite database or local artifacts. */}}
+{{- define "ttt-platform.mlflow.needsVolume" -}}
+{{- if or (not .Values.mlflow.backendStore.existingSecret) (not .Values.mlflow.artifacts.destination) }}true{{ end }}
+{{- end }}
+
+{{- define "ttt-platform.mlflow.claimName" -}}
+{{- default (include "ttt-platform.mlflow.serviceName" .) .Values.mlflow.persistence.existingClaim }}
+{{- end }}
+
+{{/* Host headers the server accepts: its service names, localhost and private IPs (MLflow's own
+     defaults, which setting the list replaces), and mlflow.allowedHosts. */}}
+{{- define "ttt-platform.mlflow.allowedHosts" -}}
+{{- $svc := include "ttt-platform.mlflow.serviceName" . }}
+{{- $ns := .Release.Namespace }}
+{{- $hosts := list }}
+{{- range (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) "localhost" "127.0.0.1" "[::1]") }}
+{{- $hosts = append $hosts . }}
+{{- $hosts = append $hosts (printf "%s:*" (replace "[" "[[]" .)) }}
+{{- end }}
+{{- $hosts = concat $hosts (list "10.*" "192.168.*") }}
+{{- range $second := untilStep 16 32 1 }}
+{{- $hosts = append $hosts (printf "172.%d.*" $second) }}
+{{- end }}
+{{- $hosts = concat $hosts (list "fc00:*" "fd00:*") .Values.mlflow.allowedHosts }}
+{{- join "," $hosts }}
+{{- end }}
+
+{{/* ---------- Runs storage ---------- */}}
+
+{{/* "true" when runs go to S3 rather than to the shared runs volume. */}}
+{{- define "ttt-platform.storage.isS3" -}}
+{{- if hasPrefix "s3://" .Values.storage.uri }}true{{ end }}
+{{- end }}
+
+{{/* TTT_STORAGE_URI: the S3 URI, the given path, or the mount path of the runs volume. */}}
+{{- define "ttt-platform.storage.uri" -}}
+{{- $uri := .Values.storage.uri }}
+{{- $mount := .Values.storage.mountPath | trimSuffix "/" }}
+{{- if or (hasPrefix "s3://" $uri) (not $uri) }}
+{{- default $mount $uri }}
+{{- else if or (eq $uri $mount) (hasPrefix (printf "%s/" $mount) $uri) }}
+{{- $uri }}
+{{- else }}
+{{- fail (printf "storage.uri %q is a path outside storage.mountPath %q: use a path under the runs volume, or s3://bucket/prefix" $uri $mount) }}
+{{- end }}
+{{- end }}
+
+{{/* TTT_RUNS_PVC: the runs claim when storage is a path, empty when it is S3. */}}
+{{- define "ttt-platform.storage.claimName" -}}
+{{- if not (include "ttt-platform.storage.isS3" .) }}
+{{- default (printf "%s-runs" (include "ttt-platform.fullname" .)) .Values.storage.existingClaim }}
+{{- end }}
+{{- end }}
