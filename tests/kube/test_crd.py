@@ -1,0 +1,99 @@
+"""The TTTJob CRD's schema: the examples pass it, and bad jobs are refused with the field named, through
+the same admission chain (defaults, pruning, OpenAPI schema, CEL rules) as the API server."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+from tests.kube.crdschema import admit
+
+CRD = yaml.safe_load((ROOT / "charts" / "ttt-platform" / "crds" / "tttjobs.ttt.dev.yaml").read_text())
+EXAMPLES = sorted((ROOT / "jobs" / "examples").glob("*.yaml"))
+
+
+def tiny() -> dict:
+    return yaml.safe_load((ROOT / "jobs" / "examples" / "tiny-cpu.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_are_valid(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "TTTJob"]
+    assert docs, f"{path.name} holds no TTTJob"
+    for doc in docs:
+        assert admit(CRD, doc)[1] == []
+
+
+def test_defaults_are_filled_in():
+    job = tiny()
+    for key in ("numNodes", "gpusPerNode", "backoffLimit", "suspend"):
+        job["spec"].pop(key, None)
+    stored, errors = admit(CRD, job)
+    assert errors == []
+    spec = stored["spec"]
+    assert (spec["numNodes"], spec["gpusPerNode"], spec["backoffLimit"], spec["suspend"]) == (1, 0, 2, False)
+
+
+def test_unknown_fields_are_pruned_but_config_is_kept():
+    job = tiny()
+    job["spec"]["nodes"] = 3  # a typo of numNodes: dropped, as a real API server drops it
+    job["spec"]["config"] = {"train": {"total_steps": 9, "anything": 1}}
+    stored, errors = admit(CRD, job)
+    assert errors == [] and "nodes" not in stored["spec"]
+    assert stored["spec"]["config"] == job["spec"]["config"]  # checked by the operator instead
+
+
+BAD = [
+    # (change to the tiny example's spec or metadata, the field the error must name)
+    ({"spec.numNodes": 0}, "spec.numNodes"),
+    ({"spec.numNodes": 2000}, "spec.numNodes"),
+    ({"spec.numNodes": "two"}, "spec.numNodes"),
+    ({"spec.gpusPerNode": -1}, "spec.gpusPerNode"),
+    ({"spec.gpusPerNode": 17}, "spec.gpusPerNode"),
+    ({"spec.ttt": {"windowSize": 0}}, "spec.ttt.windowSize"),
+    ({"spec.ttt": {"miniBatchSize": -4}}, "spec.ttt.miniBatchSize"),
+    ({"spec.ttt": {"seqLen": 100, "miniBatchSize": 32}}, "spec.ttt"),
+    ({"spec.recipe": "Tiny CPU"}, "spec.recipe"),
+    ({"spec.recipe": None, "spec.config": None}, "spec"),
+    ({"spec.overrides": ["total_steps=3"]}, "spec.overrides[0]"),
+    ({"spec.overrides": "train.total_steps=3"}, "spec.overrides"),
+    ({"spec.deepspeed": {"stage": 4}}, "spec.deepspeed.stage"),
+    ({"spec.storageUri": "http://bucket/runs"}, "spec.storageUri"),
+    ({"spec.storageUri": "relative/path"}, "spec.storageUri"),
+    ({"spec.mlflow": {"experiment": ""}}, "spec.mlflow.experiment"),
+    ({"spec.mlflow": {"trackingUri": "mlflow:5000"}}, "spec.mlflow.trackingUri"),
+    ({"spec.backoffLimit": -1}, "spec.backoffLimit"),
+    ({"spec.activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds"),
+    ({"spec.suspend": "yes"}, "spec.suspend"),
+    ({"spec.resources": {"cpu": "two"}}, "spec.resources.cpu"),
+    ({"spec.resources": {"memory": "4 GB"}}, "spec.resources.memory"),
+    ({"spec.imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
+    ({"spec.image": ""}, "spec.image"),
+    ({"spec.labels": {"queue": 3}}, "spec.labels.queue"),
+    ({"metadata.name": "a-very-long-name-for-a-training-job-of-ours-x"}, "metadata.name"),
+]
+
+
+def mutate(job: dict, change: dict) -> dict:
+    job = copy.deepcopy(job)
+    for dotted, value in change.items():
+        section, key = dotted.split(".", 1)
+        if value is None:
+            job[section].pop(key, None)
+        else:
+            job[section][key] = value
+    return job
+
+
+def test_there_are_enough_bad_cases():
+    assert len(BAD) >= 15
+
+
+@pytest.mark.parametrize(("change", "field"), BAD, ids=[f for _, f in BAD])
+def test_bad_tttjob_is_rejected_naming_the_field(change, field):
+    _, errors = admit(CRD, mutate(tiny(), change))
+    assert errors, f"{change} was accepted"
+    assert any(e.startswith(f"{field}:") or e.startswith(f"{field} ") for e in errors), errors
