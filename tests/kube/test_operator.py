@@ -1,0 +1,327 @@
+"""The operator end to end: a real `python -m ttt_operator` process and real kubectl against the local API
+server, with KubeRay's RayJob CRD installed; the test plays KubeRay's part by patching RayJob status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.helpers import DATA, ROOT
+from tests.integration.services import free_port, stop, wait_for
+from ttt import config as cfgmod
+from ttt.storage import open_storage
+from ttt.train.report import ProgressReport
+
+CRD = ROOT / "charts" / "ttt-platform" / "crds" / "tttjobs.ttt.dev.yaml"
+RAYJOB_CRD = DATA / "kuberay" / "ray.io_rayjobs.yaml"
+TINY = ROOT / "jobs" / "examples" / "tiny-cpu.yaml"
+NAMESPACE = "research"
+IMAGE = "ttt-platform/ttt:e2e"
+
+
+def eventually(probe: Callable[[], Any], what: str, seconds: float = 30.0) -> Any:
+    """Poll until `probe()` is truthy (the operator reacts asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if value := probe():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+class Operator:
+    """`python -m ttt_operator` as the Deployment runs it, configured through its environment."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.env, self.log, self.proc = env, log, None
+
+    def start(self) -> None:
+        port = free_port()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ttt_operator", "--liveness", f"http://127.0.0.1:{port}/healthz"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(f"http://127.0.0.1:{port}/healthz", self.proc, seconds=60)
+        except RuntimeError:
+            raise RuntimeError(f"operator did not start:\n{self.log.read_text()[-3000:]}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def cluster(apiserver, tmp_path_factory):
+    """The API server with both CRDs and a namespace; the operator watching that namespace."""
+    base = tmp_path_factory.mktemp("operator")
+    apiserver.load_crd(CRD)
+    apiserver.load_crd(RAYJOB_CRD)
+    apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "TTT_OPERATOR_NAMESPACES": NAMESPACE,
+        "TTT_STORAGE_URI": str(base / "runs"),
+        "TTT_DEFAULT_IMAGE": IMAGE,
+        "TTT_POLL_SECONDS": "1",
+    }
+    operator = Operator(env, base / "operator.log")
+    operator.start()
+    yield {"operator": operator, "kubeconfig": kubeconfig, "base": base}
+    operator.stop()
+
+
+@pytest.fixture()
+def k(cluster):
+    """kubectl in the test namespace; returns stdout, or parsed JSON for `-o json`."""
+
+    def run(*args: str, stdin: str | None = None, check: bool = True) -> Any:
+        proc = subprocess.run(
+            ["kubectl", "--request-timeout=20s", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KUBECONFIG": str(cluster["kubeconfig"])},
+            timeout=60,
+        )
+        if check and proc.returncode:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
+        if "-o" in args and args[args.index("-o") + 1] == "json" and proc.returncode == 0:
+            return json.loads(proc.stdout)
+        return proc if not check else proc.stdout
+
+    return run
+
+
+def tttjob(name: str, **spec: Any) -> str:
+    job = yaml.safe_load(TINY.read_text())
+    job["metadata"]["name"] = name
+    job["spec"].update(spec)
+    return yaml.safe_dump(job)
+
+
+def get(k, kind: str, name: str) -> dict | None:
+    proc = k("get", kind, name, "-o", "json", check=False)
+    return proc if isinstance(proc, dict) else None
+
+
+def phase_is(k, name: str, phase: str) -> Callable[[], dict | None]:
+    def probe() -> dict | None:
+        job = get(k, "tttjob", name)
+        return job if job and job.get("status", {}).get("phase") == phase else None
+
+    return probe
+
+
+def set_rayjob_status(k, name: str, **status: str) -> None:
+    k("patch", "rayjob", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
+
+
+def rayjob_schema() -> dict:
+    crd = yaml.safe_load(RAYJOB_CRD.read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+# -- tests ------------------------------------------------------------------------------------------
+
+
+def test_apply_creates_config_map_and_a_valid_rayjob(k):
+    k("apply", "--validate=false", "-f", str(TINY))
+    job = eventually(lambda: get(k, "tj", "tiny-cpu"), "the TTTJob")
+    rayjob = eventually(lambda: get(k, "rayjob", "tiny-cpu-a1"), "RayJob tiny-cpu-a1")
+    jsonschema.validate(rayjob, rayjob_schema())
+
+    owner = rayjob["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("TTTJob", "tiny-cpu", job["metadata"]["uid"])
+    assert owner["controller"] is True
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["replicas"] == job["spec"]["numNodes"] == 1
+    pods = [cluster["headGroupSpec"]["template"], workers["template"]]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        assert container["image"] == IMAGE
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]  # gpusPerNode: 0
+    run_name = f"tiny-cpu-{job['metadata']['uid'].replace('-', '')[:8]}"
+    assert rayjob["spec"]["entrypoint"] == (
+        f"python -m ttt train /etc/ttt/job.yaml --run-name {run_name} --no-progress"
+    )
+
+    cm = get(k, "configmap", "tiny-cpu-a1")
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    rendered = cfgmod.from_yaml(cm["data"]["job.yaml"])
+    assert (rendered.model.window_size, rendered.ttt.mini_batch_size) == (64, 32)
+    assert rendered.tracking.run_name == run_name and rendered.scale.workers == 1
+
+    job = eventually(phase_is(k, "tiny-cpu", "Pending"), "phase Pending")
+    assert job["status"]["rayJobName"] == "tiny-cpu-a1" and job["status"]["attempt"] == 1
+    assert job["status"]["config"] == {"windowSize": 64, "miniBatchSize": 32, "seqLen": 256, "workers": 1}
+    created = next(c for c in job["status"]["conditions"] if c["type"] == "Created")
+    assert created["status"] == "True" and created["observedGeneration"] == job["metadata"]["generation"]
+
+
+def test_status_progress_retry_and_restart(k, cluster):
+    k("apply", "--validate=false", "-f", "-", stdin=tttjob("retry-me", backoffLimit=1))
+    eventually(lambda: get(k, "rayjob", "retry-me-a1"), "RayJob retry-me-a1")
+
+    set_rayjob_status(k, "retry-me-a1", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    job = eventually(phase_is(k, "retry-me", "Running"), "phase Running")
+    running = next(c for c in job["status"]["conditions"] if c["type"] == "Running")
+    assert running["status"] == "True" and job["status"]["startTime"]
+
+    # The run reports progress into its run directory; the operator's timer copies it into the status.
+    report = ProgressReport(open_storage(job["status"]["storagePath"]), total_steps=300, every_s=0)
+    report.start(0, "mlflow-run-1", "sqlite:///x", None)
+    report.step(12, 3.25, 850.0)
+    report.checkpoint(10, job["status"]["storagePath"] + "/checkpoints/step-00000010")
+    job = eventually(
+        lambda: (j := get(k, "tj", "retry-me")) and j["status"].get("progress", {}).get("step") == 12 and j,
+        "progress in the status",
+    )
+    assert job["status"]["progress"]["stepOfTotal"] == "12/300" and job["status"]["progress"]["loss"] == 3.25
+    assert job["status"]["mlflowRunId"] == "mlflow-run-1" and job["status"]["lastCheckpoint"]["step"] == 10
+
+    # Attempt 1 fails: within the backoff limit, attempt 2 continues the same run.
+    set_rayjob_status(k, "retry-me-a1", jobDeploymentStatus="Complete", jobStatus="FAILED", message="OOM")
+    second = eventually(lambda: get(k, "rayjob", "retry-me-a2"), "RayJob retry-me-a2")
+    first_cfg = cfgmod.from_yaml(get(k, "configmap", "retry-me-a1")["data"]["job.yaml"])
+    second_cfg = cfgmod.from_yaml(get(k, "configmap", "retry-me-a2")["data"]["job.yaml"])
+    assert second_cfg.storage.root == first_cfg.storage.root
+    assert second_cfg.tracking.run_name == first_cfg.tracking.run_name
+    assert second_cfg.tracking.uri == first_cfg.tracking.uri
+    assert second["spec"]["entrypoint"] == get(k, "rayjob", "retry-me-a1")["spec"]["entrypoint"]
+    job = eventually(
+        lambda: (j := get(k, "tj", "retry-me")) and j["status"].get("attempt") == 2 and j, "attempt 2"
+    )
+    assert job["status"]["failedAttempts"] == 1 and job["status"]["mlflowRunId"] == "mlflow-run-1"
+
+    # The operator restarts, and its last status update was lost: it must adopt attempt 2, not add one.
+    cluster["operator"].stop()
+    k("patch", "tj", "retry-me", "--subresource=status", "--type=merge", "-p", '{"status":{"attempt":1}}')
+    cluster["operator"].start()
+    eventually(lambda: (j := get(k, "tj", "retry-me")) and j["status"].get("attempt") == 2, "re-adoption", 20)
+    time.sleep(2)  # a few timer ticks: nothing new may appear
+    names = sorted(r["metadata"]["name"] for r in k("get", "rayjobs", "-o", "json")["items"])
+    assert [n for n in names if n.startswith("retry-me")] == ["retry-me-a1", "retry-me-a2"]
+
+    set_rayjob_status(k, "retry-me-a2", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    job = eventually(phase_is(k, "retry-me", "Succeeded"), "phase Succeeded")
+    assert job["status"]["completionTime"]
+    reasons = [
+        e["reason"]
+        for e in k("get", "events", "-o", "json")["items"]
+        if e["involvedObject"]["name"] == "retry-me"
+    ]
+    for reason in ("Created", "Running", "AttemptFailed", "Retrying", "Succeeded"):
+        assert reason in reasons, reasons
+    assert reasons.count("AttemptFailed") == reasons.count("Retrying") == 1, reasons  # not again on restart
+
+
+def test_backoff_limit_and_suspend(k):
+    k("apply", "--validate=false", "-f", "-", stdin=tttjob("no-retry", backoffLimit=0))
+    eventually(lambda: get(k, "rayjob", "no-retry-a1"), "RayJob no-retry-a1")
+    set_rayjob_status(k, "no-retry-a1", jobDeploymentStatus="Failed", reason="AppFailed", message="boom")
+    job = eventually(phase_is(k, "no-retry", "Failed"), "phase Failed")
+    assert "backoffLimit 0" in job["status"]["message"] and "boom" in job["status"]["message"]
+    assert get(k, "rayjob", "no-retry-a2") is None
+
+    k("apply", "--validate=false", "-f", "-", stdin=tttjob("pausable"))
+    eventually(lambda: get(k, "rayjob", "pausable-a1"), "RayJob pausable-a1")
+    k("patch", "tj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    eventually(phase_is(k, "pausable", "Suspended"), "phase Suspended")
+    eventually(lambda: get(k, "rayjob", "pausable-a1") is None, "the suspended attempt's RayJob deleted")
+    k("patch", "tj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    eventually(lambda: get(k, "rayjob", "pausable-a2"), "a new attempt after resume")
+
+
+def test_kubectl_get_shows_the_printer_columns(k):
+    k("apply", "--validate=false", "-f", "-", stdin=tttjob("columns"))
+    eventually(lambda: get(k, "rayjob", "columns-a1"), "RayJob columns-a1")
+    set_rayjob_status(k, "columns-a1", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    eventually(phase_is(k, "columns", "Running"), "phase Running")
+    out = k("get", "tttjobs", "columns")
+    header, row = out.splitlines()[:2]
+    assert header.split() == [
+        "NAME",
+        "PHASE",
+        "WINDOW",
+        "MINIBATCH",
+        "NODES",
+        "STEP",
+        "LOSS",
+        "MLFLOW",
+        "AGE",
+    ]
+    assert row.split()[:5] == ["columns", "Running", "64", "32", "1"]
+    wide = k("get", "tj", "columns", "-o", "wide").splitlines()[0].split()
+    assert wide[-3:] == ["ATTEMPT", "RAYJOB", "MESSAGE"]
+
+
+def test_bad_tttjobs_are_rejected_by_the_api_server_naming_the_field(k):
+    cases = {
+        "numNodes": {"numNodes": 0},
+        "gpusPerNode": {"gpusPerNode": 17},
+        "seqLen must be a multiple of miniBatchSize": {
+            "ttt": {"windowSize": 64, "miniBatchSize": 48, "seqLen": 100}
+        },
+    }
+    for field, change in cases.items():
+        proc = k("apply", "--validate=false", "-f", "-", stdin=tttjob("bad", **change), check=False)
+        assert proc.returncode != 0 and field in proc.stderr, proc.stderr
+    assert get(k, "tj", "bad") is None
+
+
+def test_rendered_config_runs_with_the_local_trainer(k, cluster, tmp_path):
+    """What the cluster would run is runnable: the ConfigMap's config, trained here without Ray."""
+    k("apply", "--validate=false", "-f", "-", stdin=tttjob("runnable"))
+    cm = eventually(lambda: get(k, "configmap", "runnable-a1"), "ConfigMap runnable-a1")
+    path = tmp_path / "job.yaml"
+    path.write_text(cm["data"]["job.yaml"])
+    rendered = cfgmod.load(path)
+    # Only what ties it to the cluster changes (Ray address, mount paths), and the length.
+    overrides = [
+        "scale.ray_address=null",
+        f"storage.root={tmp_path / 'runs'}",
+        "train.total_steps=4",
+        "optim.warmup_steps=1",
+        "train.eval_sequences=4",
+        "train.eval_batch_size=4",
+        "tracking.system_metrics=false",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ttt",
+            "train",
+            str(path),
+            "--run-name",
+            rendered.tracking.run_name,
+            "--no-progress",
+            *[a for o in overrides for a in ("--set", o)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run {rendered.tracking.run_name}: 4 steps" in proc.stdout
+    progress = json.loads((tmp_path / "runs" / rendered.tracking.run_name / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["step"] == 4
