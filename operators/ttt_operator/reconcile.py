@@ -110,6 +110,7 @@ def plan(
         if not out.events or out.events[-1][1] != reason:
             out.events.append((kind, reason, message))
     generation = job["metadata"].get("generation")
+    rayjob = attempt_name(name, attempt) if attempt and (out.create or current) and not out.delete else None
     status: dict[str, Any] = {
         **progress_status(report),
         "phase": phase,
@@ -120,7 +121,9 @@ def plan(
         "rayJobName": attempt_name(name, attempt) if attempt else None,
         "runName": run[0],
         "storagePath": run[1],
-        "conditions": phase_conditions(old.get("conditions") or [], phase, reason, message, generation, now),
+        "conditions": phase_conditions(
+            old.get("conditions") or [], phase, reason, message, generation, now, rayjob
+        ),
         "startTime": old.get("startTime") or (now if phase == RUNNING else None),
         "completionTime": (old.get("completionTime") or now) if phase in TERMINAL else None,
     }

@@ -79,12 +79,20 @@ def set_condition(
 
 
 def phase_conditions(
-    conditions: list[dict[str, Any]], phase: str, reason: str, message: str, generation: int | None, now: str
+    conditions: list[dict[str, Any]],
+    phase: str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+    rayjob: str | None,
 ) -> list[dict[str, Any]]:
-    """Conditions for a phase: Created once anything was created, exactly one of the others True."""
-    out = conditions
-    if phase != PENDING or reason != "InvalidSpec":
-        out = set_condition(out, "Created", reason != "InvalidSpec", reason, message, generation, now)
+    """Created: whether the current attempt's RayJob exists; of the others, the phase's alone is True."""
+    if rayjob:
+        created = (True, "RayJobCreated", f"RayJob {rayjob} holds the current attempt")
+    else:
+        created = (False, reason, message)
+    out = set_condition(conditions, "Created", *created, generation, now)
     for kind in ("Running", "Succeeded", "Failed", "Suspended"):
         true = kind == phase
         if true or any(c.get("type") == kind for c in out):

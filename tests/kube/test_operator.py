@@ -142,7 +142,7 @@ def rayjob_schema() -> dict:
 
 
 def test_apply_creates_config_map_and_a_valid_rayjob(k):
-    k("apply", "--validate=false", "-f", str(TINY))
+    k("apply", "-f", str(TINY))
     job = eventually(lambda: get(k, "tj", "tiny-cpu"), "the TTTJob")
     rayjob = eventually(lambda: get(k, "rayjob", "tiny-cpu-a1"), "RayJob tiny-cpu-a1")
     jsonschema.validate(rayjob, rayjob_schema())
@@ -177,7 +177,7 @@ def test_apply_creates_config_map_and_a_valid_rayjob(k):
 
 
 def test_status_progress_retry_and_restart(k, cluster):
-    k("apply", "--validate=false", "-f", "-", stdin=tttjob("retry-me", backoffLimit=1))
+    k("apply", "-f", "-", stdin=tttjob("retry-me", backoffLimit=1))
     eventually(lambda: get(k, "rayjob", "retry-me-a1"), "RayJob retry-me-a1")
 
     set_rayjob_status(k, "retry-me-a1", jobDeploymentStatus="Running", jobStatus="RUNNING")
@@ -234,14 +234,14 @@ def test_status_progress_retry_and_restart(k, cluster):
 
 
 def test_backoff_limit_and_suspend(k):
-    k("apply", "--validate=false", "-f", "-", stdin=tttjob("no-retry", backoffLimit=0))
+    k("apply", "-f", "-", stdin=tttjob("no-retry", backoffLimit=0))
     eventually(lambda: get(k, "rayjob", "no-retry-a1"), "RayJob no-retry-a1")
     set_rayjob_status(k, "no-retry-a1", jobDeploymentStatus="Failed", reason="AppFailed", message="boom")
     job = eventually(phase_is(k, "no-retry", "Failed"), "phase Failed")
     assert "backoffLimit 0" in job["status"]["message"] and "boom" in job["status"]["message"]
     assert get(k, "rayjob", "no-retry-a2") is None
 
-    k("apply", "--validate=false", "-f", "-", stdin=tttjob("pausable"))
+    k("apply", "-f", "-", stdin=tttjob("pausable"))
     eventually(lambda: get(k, "rayjob", "pausable-a1"), "RayJob pausable-a1")
     k("patch", "tj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":true}}')
     eventually(phase_is(k, "pausable", "Suspended"), "phase Suspended")
@@ -251,7 +251,7 @@ def test_backoff_limit_and_suspend(k):
 
 
 def test_kubectl_get_shows_the_printer_columns(k):
-    k("apply", "--validate=false", "-f", "-", stdin=tttjob("columns"))
+    k("apply", "-f", "-", stdin=tttjob("columns"))
     eventually(lambda: get(k, "rayjob", "columns-a1"), "RayJob columns-a1")
     set_rayjob_status(k, "columns-a1", jobDeploymentStatus="Running", jobStatus="RUNNING")
     eventually(phase_is(k, "columns", "Running"), "phase Running")
@@ -282,14 +282,23 @@ def test_bad_tttjobs_are_rejected_by_the_api_server_naming_the_field(k):
         },
     }
     for field, change in cases.items():
-        proc = k("apply", "--validate=false", "-f", "-", stdin=tttjob("bad", **change), check=False)
+        proc = k("apply", "-f", "-", stdin=tttjob("bad", **change), check=False)
         assert proc.returncode != 0 and field in proc.stderr, proc.stderr
     assert get(k, "tj", "bad") is None
 
 
+def test_deleting_the_tttjob_deletes_what_it_owns(k):
+    k("apply", "-f", "-", stdin=tttjob("short-lived"))
+    eventually(lambda: get(k, "rayjob", "short-lived-a1"), "RayJob short-lived-a1")
+    assert get(k, "configmap", "short-lived-a1") is not None
+    k("delete", "tj", "short-lived")
+    eventually(lambda: get(k, "rayjob", "short-lived-a1") is None, "the RayJob garbage-collected")
+    assert get(k, "configmap", "short-lived-a1") is None
+
+
 def test_rendered_config_runs_with_the_local_trainer(k, cluster, tmp_path):
     """What the cluster would run is runnable: the ConfigMap's config, trained here without Ray."""
-    k("apply", "--validate=false", "-f", "-", stdin=tttjob("runnable"))
+    k("apply", "-f", "-", stdin=tttjob("runnable"))
     cm = eventually(lambda: get(k, "configmap", "runnable-a1"), "ConfigMap runnable-a1")
     path = tmp_path / "job.yaml"
     path.write_text(cm["data"]["job.yaml"])

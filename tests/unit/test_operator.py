@@ -195,11 +195,15 @@ def test_condition_transition_time_moves_only_on_change():
 
 
 def test_exactly_one_phase_condition_is_true():
-    conds = phase_conditions([], "Running", "Running", "m", 1, "t0")
-    conds = phase_conditions(conds, "Succeeded", "Succeeded", "m", 1, "t1")
+    conds = phase_conditions([], "Running", "Running", "m", 1, "t0", "job-a1")
+    conds = phase_conditions(conds, "Succeeded", "Succeeded", "m", 1, "t1", "job-a1")
     true = {c["type"] for c in conds if c["status"] == "True"}
     assert true == {"Created", "Succeeded"}
     assert next(c for c in conds if c["type"] == "Running")["status"] == "False"
+    created = next(c for c in conds if c["type"] == "Created")
+    assert (created["reason"], created["lastTransitionTime"]) == ("RayJobCreated", "t0")
+    suspended = phase_conditions(conds, "Suspended", "Suspended", "m", 2, "t2", None)
+    assert next(c for c in suspended if c["type"] == "Created")["status"] == "False"
 
 
 def test_progress_status_from_report():
@@ -277,7 +281,9 @@ def test_failed_attempts_retry_up_to_the_backoff_limit():
     failed1 = rayjob(1, "Complete", "FAILED", message="worker died")
     retry = decide(job, [failed1])
     assert retry.create == 2 and retry.status["failedAttempts"] == 1
-    assert retry.status["phase"] == "Pending" and retry.status["conditions"][0]["reason"] == "Retrying"
+    assert retry.status["phase"] == "Pending" and retry.status["message"].endswith("(retry 1 of 2)")
+    created = retry.status["conditions"][0]
+    assert created["type"] == "Created" and "tiny-cpu-a2" in created["message"]
     assert any(kind == "Warning" and reason == "AttemptFailed" for kind, reason, _ in retry.events)
     failed2 = rayjob(2, "Failed", "", reason="AppFailed")
     assert decide(with_status(job, retry), [failed1, failed2]).create == 3
@@ -314,6 +320,8 @@ def test_invalid_spec_fails_without_creating_and_recovers_when_fixed():
     todo = decide(job, [], config=err.value)
     assert todo.create is None and todo.status["phase"] == "Failed"
     assert "spec.ttt.seqLen" in todo.status["message"] and "config" not in todo.status
+    created = next(c for c in todo.status["conditions"] if c["type"] == "Created")
+    assert (created["status"], created["reason"]) == ("False", "InvalidSpec")
     job = with_status(job, todo)
     job["spec"]["ttt"]["miniBatchSize"] = 32
     assert decide(job, []).create == 1
