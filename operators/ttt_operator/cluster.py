@@ -20,6 +20,10 @@ def load_credentials() -> None:
         config.load_kube_config()
 
 
+class KubeRayMissing(Exception):
+    """The API server does not serve ray.io/v1 RayJobs."""
+
+
 class Cluster:
     def __init__(self, api: client.ApiClient | None = None):
         self.api = api or client.ApiClient()
@@ -37,7 +41,18 @@ class Cluster:
             raise
 
     def rayjobs(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        found = self.custom.list_namespaced_custom_object(
+        try:
+            found = self._list_rayjobs(namespace, job)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise KubeRayMissing(
+                    "the API server does not serve ray.io/v1 RayJobs: install KubeRay"
+                ) from None
+            raise
+        return found.get("items", [])
+
+    def _list_rayjobs(self, namespace: str, job: str) -> dict[str, Any]:
+        return self.custom.list_namespaced_custom_object(
             "ray.io",
             "v1",
             namespace,
@@ -45,7 +60,6 @@ class Cluster:
             label_selector=f"{LABEL_JOB}={job}",
             _request_timeout=TIMEOUT_S,
         )
-        return found.get("items", [])
 
     def create(self, body: dict[str, Any]) -> bool:
         """Create a ConfigMap or RayJob; False if it already exists (an earlier pass made it)."""

@@ -5,21 +5,23 @@ what to do, and does it.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import defaultdict
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from ttt.storage import open_storage
 from ttt.train.report import read_progress
 from ttt_operator import builders
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION, SpecError
-from ttt_operator.cluster import Cluster, load_credentials
-from ttt_operator.reconcile import by_attempt, plan
+from ttt_operator.cluster import Cluster, KubeRayMissing, load_credentials
+from ttt_operator.reconcile import blocked, by_attempt, plan
 from ttt_operator.settings import Settings
-from ttt_operator.status import TERMINAL, now_iso
+from ttt_operator.status import FAILED, PENDING, TERMINAL, now_iso
 
 SETTINGS = Settings.from_env()
 log = logging.getLogger("ttt_operator")
@@ -48,18 +50,40 @@ def reconcile(namespace: str, name: str) -> None:
         except SpecError as exc:
             config = exc
         run = (builders.run_name(job), builders.storage_path(job, SETTINGS))
-        rayjobs = by_attempt(api.rayjobs(namespace, name))
-        report = _read_report(run[1]) if rayjobs else None
-        todo = plan(job, rayjobs, report, config, run, now_iso())
+        now = now_iso()
+        try:
+            rayjobs = by_attempt(api.rayjobs(namespace, name))
+        except KubeRayMissing as exc:  # retried by the timer: installing KubeRay unblocks the job
+            todo = plan(job, {}, None, config, run, now)
+            todo.status = blocked(job, todo.status, PENDING, "KubeRayMissing", str(exc), now)
+            todo.create, todo.events = None, [("Warning", "KubeRayMissing", str(exc))]
+            rayjobs = None
+        if rayjobs is not None:
+            report = _read_report(run[1]) if rayjobs else None
+            todo = plan(job, rayjobs, report, config, run, now)
         for rayjob in todo.delete:
             api.delete_rayjob(namespace, rayjob)
         if todo.create is not None and not isinstance(config, SpecError):
-            api.create(builders.config_map(job, todo.create, config))
-            api.create(builders.ray_job(job, todo.create, config, SETTINGS))
+            try:
+                api.create(builders.config_map(job, todo.create, config))
+                api.create(builders.ray_job(job, todo.create, config, SETTINGS))
+            except ApiException as exc:
+                if exc.status not in (400, 403, 422):
+                    raise  # transient: kopf retries the handler
+                message = f"the API server refused attempt {todo.create}: {_reason(exc)}"
+                todo.status = blocked(job, todo.status, FAILED, "RayJobRejected", message, now)
+                todo.events = [("Warning", "RayJobRejected", message)]
         api.patch_status(namespace, name, todo.status)
         for kind, reason, message in todo.events:
             kopf.event(job, type=kind, reason=reason, message=message)
             log.info("%s/%s: %s: %s", namespace, name, reason, message)
+
+
+def _reason(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
 
 
 def _read_report(path: str) -> dict[str, Any] | None:

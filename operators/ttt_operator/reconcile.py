@@ -136,3 +136,21 @@ def plan(
         }
     out.status = status
     return out
+
+
+def blocked(
+    job: dict[str, Any], status: dict[str, Any], phase: str, reason: str, message: str, now: str
+) -> dict:
+    """`status` rewritten for an attempt that could not be created (KubeRay missing, RayJob refused)."""
+    old = job.get("status") or {}
+    generation = job["metadata"].get("generation")
+    conditions = phase_conditions(old.get("conditions") or [], phase, reason, message, generation, now, None)
+    return {
+        **status,
+        "phase": phase,
+        "message": message,
+        "attempt": old.get("attempt", 0),
+        "rayJobName": old.get("rayJobName"),
+        "conditions": conditions,
+        "completionTime": status.get("completionTime") if phase in TERMINAL else None,
+    }

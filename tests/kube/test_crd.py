@@ -73,6 +73,7 @@ BAD = [
     ({"spec.imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
     ({"spec.image": ""}, "spec.image"),
     ({"spec.labels": {"queue": 3}}, "spec.labels.queue"),
+    ({"spec.labels": {"queue": "h100 nodes"}}, "spec.labels.queue"),
     ({"metadata.name": "a-very-long-name-for-a-training-job-of-ours-x"}, "metadata.name"),
 ]
 

@@ -18,6 +18,7 @@ import yaml
 
 from tests.helpers import DATA, ROOT
 from tests.integration.services import free_port, stop, wait_for
+from tests.kube.apiserver import FakeApiServer
 from ttt import config as cfgmod
 from ttt.storage import open_storage
 from ttt.train.report import ProgressReport
@@ -334,3 +335,33 @@ def test_rendered_config_runs_with_the_local_trainer(k, cluster, tmp_path):
     assert f"run {rendered.tracking.run_name}: 4 steps" in proc.stdout
     progress = json.loads((tmp_path / "runs" / rendered.tracking.run_name / "progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["step"] == 4
+
+
+def test_without_kuberay_the_job_waits_and_says_why(tmp_path):
+    """A cluster where KubeRay is not installed yet: a clear condition, then the job starts once it is."""
+    with FakeApiServer() as server:
+        server.load_crd(CRD)
+        server.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TTT_OPERATOR_NAMESPACES": NAMESPACE}
+        env |= {"TTT_STORAGE_URI": str(tmp_path / "runs"), "TTT_POLL_SECONDS": "1"}
+        operator = Operator(env, tmp_path / "operator.log")
+        operator.start()
+        try:
+            server.apply(
+                yaml.safe_load(tttjob("early")) | {"metadata": {"name": "early", "namespace": NAMESPACE}}
+            )
+
+            def waiting() -> dict | None:
+                status = server.get("tttjobs", "early", NAMESPACE).get("status", {})
+                created = next((c for c in status.get("conditions", []) if c["type"] == "Created"), {})
+                return status if created.get("reason") == "KubeRayMissing" else None
+
+            status = eventually(waiting, "the KubeRayMissing condition")
+            assert status["phase"] == "Pending" and "install KubeRay" in status["message"]
+            server.load_crd(RAYJOB_CRD)
+            eventually(
+                lambda: server.objects("rayjobs", NAMESPACE, "ray.io"), "a RayJob once KubeRay is there"
+            )
+        finally:
+            operator.stop()

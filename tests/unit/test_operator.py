@@ -12,9 +12,10 @@ import yaml
 
 from tests.helpers import DATA, ROOT
 from ttt import config as cfgmod
+from ttt.errors import UserError
 from ttt_operator import builders
 from ttt_operator.builders import SpecError
-from ttt_operator.reconcile import by_attempt, plan
+from ttt_operator.reconcile import blocked, by_attempt, plan
 from ttt_operator.settings import Settings
 from ttt_operator.status import Outcome, outcome, phase_conditions, progress_status, set_condition
 
@@ -325,3 +326,33 @@ def test_invalid_spec_fails_without_creating_and_recovers_when_fixed():
     job = with_status(job, todo)
     job["spec"]["ttt"]["miniBatchSize"] = 32
     assert decide(job, []).create == 1
+
+
+def test_a_refused_attempt_keeps_the_attempt_count():
+    job = example("tiny-cpu")
+    job = with_status(job, decide(job, []))
+    job["status"]["attempt"] = 1
+    todo = decide(job, [rayjob(1, "Complete", "FAILED")])
+    assert todo.create == 2
+    status = blocked(job, todo.status, "Failed", "RayJobRejected", "refused: bad label", "t")
+    assert (status["phase"], status["attempt"], status["rayJobName"]) == ("Failed", 1, "tiny-cpu-a1")
+    created = next(c for c in status["conditions"] if c["type"] == "Created")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert created["status"] == "False" and (failed["status"], failed["reason"]) == ("True", "RayJobRejected")
+
+
+def test_settings_from_the_environment():
+    env = {
+        "TTT_OPERATOR_NAMESPACES": " team-a, team-b ,",
+        "TTT_STORAGE_URI": "s3://runs/x",
+        "TTT_S3_SECRET": "creds",
+        "TTT_POLL_SECONDS": "2.5",
+        "TTT_RUNS_PVC": "",
+    }
+    s = Settings.from_env(env)
+    assert s.namespaces == ("team-a", "team-b") and s.storage_uri == "s3://runs/x"
+    assert (s.s3_secret, s.runs_pvc, s.poll_seconds, s.mlflow_tracking_uri) == ("creds", None, 2.5, None)
+    assert Settings.from_env({}).namespaces == ()
+    for bad in ("soon", "0"):
+        with pytest.raises(UserError, match="TTT_POLL_SECONDS"):
+            Settings.from_env({"TTT_POLL_SECONDS": bad})
