@@ -204,6 +204,27 @@ def test_builtin_objects_pass_kubernetes_schemas(helm: Helm, values: list[str], 
 # ---------- the operator's environment contract ----------
 
 
+class _Recorder(dict):
+    """An environment that remembers which variables were asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return default
+
+
+def test_chart_sets_what_the_operator_reads(default_objects: list[dict[str, Any]]) -> None:
+    from ttt_operator.settings import Settings
+
+    env = _Recorder()
+    Settings.from_env(env)
+    assert env.asked - {"TTT_POLL_SECONDS"} == set(OPERATOR_CONTRACT)
+    assert set(OPERATOR_CONTRACT) <= set(operator_env(default_objects))
+
+
 def test_operator_env_with_defaults(default_objects: list[dict[str, Any]]) -> None:
     env = operator_env(default_objects)
     assert {name: env[name] for name in OPERATOR_CONTRACT} == {
