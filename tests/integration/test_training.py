@@ -212,6 +212,7 @@ def test_s3_dataset_and_checkpoints(tmp_path, s3_bucket):
     keys = {obj["Key"] for page in pages for obj in page.get("Contents", [])}
     assert keys == {
         "runs/on-s3/config.yaml",
+        "runs/on-s3/progress.json",
         "runs/on-s3/injected-failure-4",  # the drill's marker: it fails once per run
         "runs/on-s3/checkpoints/step-00000003.pt",
         "runs/on-s3/checkpoints/step-00000006.pt",
