@@ -12,10 +12,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from ttt import config as cfgmod
-from ttt.errors import UserError
+from ttt.jobspec import SpecError, job_config, spec_field
 from ttt.storage import join
 from ttt_operator.settings import Settings
 
@@ -27,14 +25,6 @@ LABEL_JOB = "ttt.dev/job"
 LABEL_ATTEMPT = "ttt.dev/attempt"
 CONFIG_DIR = "/etc/ttt"
 CONFIG_FILE = "job.yaml"
-
-
-class SpecError(UserError):
-    """The TTTJob's spec cannot be turned into a runnable job; `field` is its path in the resource."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 @dataclass(frozen=True)
@@ -97,24 +87,10 @@ def storage_path(job: dict[str, Any], settings: Settings) -> str:
 
 
 def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
-    """recipe → config laid over it → overrides → the TTT knobs → what the platform decides."""
+    """The spec's job config (recipe, config, overrides, knobs), then what the platform decides."""
     spec = job["spec"]
-    try:
-        cfg = _base_config(spec)
-        cfg = cfgmod.apply_overrides(cfg, spec.get("overrides") or [])
-    except cfgmod.ConfigError as exc:
-        where = "spec.overrides" if _from_overrides(exc, spec) else "spec.config"
-        raise SpecError(f"{where}.{exc.field}", exc.message) from None
+    data = job_config(spec).to_dict()
     shape = layout(spec)
-    knobs = spec.get("ttt") or {}
-    data = cfg.to_dict()
-    for key, (section, field) in {
-        "windowSize": ("model", "window_size"),
-        "miniBatchSize": ("ttt", "mini_batch_size"),
-        "seqLen": ("train", "seq_len"),
-    }.items():
-        if key in knobs:
-            data[section][field] = knobs[key]
     gpus = shape.gpus_per_node > 0
     data["scale"].update(
         workers=shape.workers,
@@ -138,39 +114,7 @@ def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
     try:
         return cfgmod.JobConfig.from_dict(data)
     except cfgmod.ConfigError as exc:
-        raise SpecError(_spec_field(exc.field), exc.message) from None
-
-
-def _base_config(spec: dict[str, Any]) -> cfgmod.JobConfig:
-    partial = spec.get("config") or {}
-    recipe = spec.get("recipe")
-    if recipe is None:
-        return cfgmod.from_yaml(yaml.safe_dump(partial), source="spec.config")
-    path = cfgmod.find_recipe(recipe)
-    if path is None:
-        known = ", ".join(cfgmod.recipe_names())
-        raise SpecError("spec.recipe", f"no recipe '{recipe}' in the image; known: {known}")
-    return cfgmod.merge(cfgmod.load(path), partial, source="spec.config")
-
-
-def _from_overrides(exc: cfgmod.ConfigError, spec: dict[str, Any]) -> bool:
-    return any(item.split("=", 1)[0].strip() == exc.field for item in spec.get("overrides") or [])
-
-
-# Config fields the spec sets through its own typed fields: errors there point at those.
-_SPEC_FIELDS = {
-    "model.window_size": "spec.ttt.windowSize",
-    "ttt.mini_batch_size": "spec.ttt.miniBatchSize",
-    "train.seq_len": "spec.ttt.seqLen",
-    "scale.workers": "spec.numNodes",
-    "scale.zero_stage": "spec.deepspeed.stage",
-    "storage.root": "spec.storageUri",
-    "tracking.experiment": "spec.mlflow.experiment",
-}
-
-
-def _spec_field(field: str) -> str:
-    return _SPEC_FIELDS.get(field, f"spec.config.{field}")
+        raise SpecError(spec_field(exc.field), exc.message) from None
 
 
 # -- manifests --------------------------------------------------------------------------------------

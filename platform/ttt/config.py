@@ -257,6 +257,13 @@ class JobConfig:
                 "train.seq_len",
                 f"{self.train.seq_len} is not divisible by ttt.mini_batch_size {self.ttt.mini_batch_size}",
             )
+        b, window = self.ttt.mini_batch_size, self.model.window_size
+        if self.model.attention == "swa" and self.model.suffix_len and b > window:
+            raise ConfigError(
+                "ttt.mini_batch_size",
+                f"{b} is larger than model.window_size {window}: a mini-batch must fit in the attention "
+                "window (the suffix blocks' KV cache holds one window)",
+            )
         if self.ttt.enabled and self.model.suffix_len == 0:
             raise ConfigError(
                 "ttt.enabled",

@@ -38,9 +38,7 @@ class ProgressReport:
         self._written = float("-inf")
 
     def start(self, step: int, mlflow_run_id: str | None, tracking_uri: str, checkpoint: dict | None) -> None:
-        self.data.update(
-            state="running", step=step, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri
-        )
+        self.data.update(state="running", step=step, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
         if checkpoint:
             self.data["last_checkpoint"] = checkpoint
         self._write()
