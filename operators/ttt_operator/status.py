@@ -114,6 +114,11 @@ def progress_status(report: dict[str, Any] | None) -> dict[str, Any]:
         if report.get("updated"):
             progress["updated"] = _rfc3339(report["updated"])
         out["progress"] = progress
+    metrics = {k: float(v) for k, v in (report.get("metrics") or {}).items() if isinstance(v, int | float)}
+    if isinstance(report.get("loss"), int | float):
+        metrics.setdefault("train/loss", float(report["loss"]))
+    if metrics and report.get("state") == "succeeded":
+        out["metrics"] = metrics  # final: what sweeps compare
     if report.get("mlflow_run_id"):
         out["mlflowRunId"] = report["mlflow_run_id"]
     checkpoint = report.get("last_checkpoint")

@@ -100,6 +100,7 @@ def test_progress_report_and_an_attempt_without_checkpoint_keeps_the_mlflow_run(
     done = read_progress(run_dir)
     assert (done["state"], done["step"], done["total_steps"]) == ("succeeded", 6, 6)
     assert done["last_checkpoint"] == {"step": 6, "uri": result.last_checkpoint}
+    assert done["metrics"]["val/loss"] == pytest.approx(result.final_eval.loss)
     assert (
         done["tracking_uri"] == mlflow_server
         and math.isfinite(done["loss"])

@@ -229,6 +229,9 @@ def test_progress_status_from_report():
     }
     assert out["mlflowRunId"] == "abc" and out["lastCheckpoint"]["step"] == 10
     assert progress_status(None) == {} and progress_status({"state": "starting"}) == {}
+    assert "metrics" not in out  # only a finished run's metrics are final
+    done = progress_status({**report, "state": "succeeded", "metrics": {"val/loss": 1.5}})
+    assert done["metrics"] == {"val/loss": 1.5, "train/loss": 2.123456}
 
 
 # -- the reconcile decision -------------------------------------------------------------------------

@@ -52,6 +52,10 @@ class ProgressReport:
         self.data["last_checkpoint"] = {"step": step, "uri": uri}
         self._write()
 
+    def final_metrics(self, metrics: dict[str, float]) -> None:
+        """The final evaluation's metrics (what sweeps judge a trial by); written with the end state."""
+        self.data["metrics"] = {name: float(value) for name, value in metrics.items()}
+
     def finish(self, state: str, message: str | None = None) -> None:
         self.data["state"] = state
         if message:

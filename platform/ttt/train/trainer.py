@@ -356,6 +356,7 @@ class Trainer:
             }
             curves[f"{self.run_name}, TTT off at eval"] = no_ttt.loss_by_position
         tracker.log_metrics(metrics, step)
+        self.report.final_metrics(metrics)
         if job.tracking.baseline_run_id and (baseline := tracker.curve_of(job.tracking.baseline_run_id)):
             curves[f"{baseline[0]} (baseline)"] = baseline[1]
         if not tracker.run_id:
