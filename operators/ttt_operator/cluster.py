@@ -10,6 +10,12 @@ from kubernetes.client.exceptions import ApiException
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION
 
 TIMEOUT_S = 30
+# kind → (group, version, plural) of the custom resources the operator reads or writes.
+CUSTOM = {
+    "TTTJob": (GROUP, VERSION, PLURAL),
+    "TTTSweep": (GROUP, VERSION, "tttsweeps"),
+    "RayJob": ("ray.io", "v1", "rayjobs"),
+}
 
 
 def load_credentials() -> None:
@@ -30,47 +36,44 @@ class Cluster:
         self.custom = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        group, version, plural = CUSTOM[kind]
         try:
             return self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=TIMEOUT_S
+                group, version, namespace, plural, name, _request_timeout=TIMEOUT_S
             )
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
+    def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        group, version, plural = CUSTOM[kind]
+        found = self.custom.list_namespaced_custom_object(
+            group, version, namespace, plural, label_selector=selector, _request_timeout=TIMEOUT_S
+        )
+        return found.get("items", [])
+
     def rayjobs(self, namespace: str, job: str) -> list[dict[str, Any]]:
         try:
-            found = self._list_rayjobs(namespace, job)
+            return self.list("RayJob", namespace, f"{LABEL_JOB}={job}")
         except ApiException as exc:
             if exc.status == 404:
                 raise KubeRayMissing(
                     "the API server does not serve ray.io/v1 RayJobs: install KubeRay"
                 ) from None
             raise
-        return found.get("items", [])
-
-    def _list_rayjobs(self, namespace: str, job: str) -> dict[str, Any]:
-        return self.custom.list_namespaced_custom_object(
-            "ray.io",
-            "v1",
-            namespace,
-            "rayjobs",
-            label_selector=f"{LABEL_JOB}={job}",
-            _request_timeout=TIMEOUT_S,
-        )
 
     def create(self, body: dict[str, Any]) -> bool:
-        """Create a ConfigMap or RayJob; False if it already exists (an earlier pass made it)."""
+        """Create a ConfigMap or custom resource; False if it already exists (an earlier pass made it)."""
         namespace = body["metadata"]["namespace"]
         try:
             if body["kind"] == "ConfigMap":
                 self.core.create_namespaced_config_map(namespace, body, _request_timeout=TIMEOUT_S)
             else:
-                group, version = body["apiVersion"].split("/")
+                group, version, plural = CUSTOM[body["kind"]]
                 self.custom.create_namespaced_custom_object(
-                    group, version, namespace, "rayjobs", body, _request_timeout=TIMEOUT_S
+                    group, version, namespace, plural, body, _request_timeout=TIMEOUT_S
                 )
         except ApiException as exc:
             if exc.status == 409:
@@ -78,13 +81,14 @@ class Cluster:
             raise
         return True
 
-    def delete_rayjob(self, namespace: str, name: str) -> None:
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        group, version, plural = CUSTOM[kind]
         try:
             self.custom.delete_namespaced_custom_object(
-                "ray.io",
-                "v1",
+                group,
+                version,
                 namespace,
-                "rayjobs",
+                plural,
                 name,
                 propagation_policy="Background",
                 _request_timeout=TIMEOUT_S,
@@ -93,12 +97,13 @@ class Cluster:
             if exc.status != 404:
                 raise
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        group, version, plural = CUSTOM[kind]
         self.custom.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
+            group,
+            version,
             namespace,
-            PLURAL,
+            plural,
             name,
             {"status": status},
             _content_type="application/merge-patch+json",

@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ttt.storage import open_storage
 from ttt.train.report import read_progress
-from ttt_operator import builders
+from ttt_operator import builders, sweeps
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION, SpecError
 from ttt_operator.cluster import Cluster, KubeRayMissing, load_credentials
 from ttt_operator.reconcile import blocked, by_attempt, plan
@@ -26,8 +26,8 @@ from ttt_operator.status import FAILED, PENDING, TERMINAL, now_iso
 SETTINGS = Settings.from_env()
 log = logging.getLogger("ttt_operator")
 
-# Handlers of the TTTJob and of its RayJobs run in different threads: one reconcile per job at a time.
-_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+# Handlers of an object and of what it owns run in different threads: one reconcile per object at a time.
+_locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
 _cluster: Cluster | None = None
 
 
@@ -40,9 +40,9 @@ def cluster() -> Cluster:
 
 
 def reconcile(namespace: str, name: str) -> None:
-    with _locks[(namespace, name)]:
+    with _locks[("TTTJob", namespace, name)]:
         api = cluster()
-        job = api.get_job(namespace, name)
+        job = api.get("TTTJob", namespace, name)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
         try:
@@ -62,7 +62,7 @@ def reconcile(namespace: str, name: str) -> None:
             report = _read_report(run[1]) if rayjobs else None
             todo = plan(job, rayjobs, report, config, run, now)
         for rayjob in todo.delete:
-            api.delete_rayjob(namespace, rayjob)
+            api.delete("RayJob", namespace, rayjob)
         if todo.create is not None and not isinstance(config, SpecError):
             try:
                 api.create(builders.config_map(job, todo.create, config))
@@ -73,10 +73,37 @@ def reconcile(namespace: str, name: str) -> None:
                 message = f"the API server refused attempt {todo.create}: {_reason(exc)}"
                 todo.status = blocked(job, todo.status, FAILED, "RayJobRejected", message, now)
                 todo.events = [("Warning", "RayJobRejected", message)]
-        api.patch_status(namespace, name, todo.status)
-        for kind, reason, message in todo.events:
-            kopf.event(job, type=kind, reason=reason, message=message)
-            log.info("%s/%s: %s: %s", namespace, name, reason, message)
+        api.patch_status("TTTJob", namespace, name, todo.status)
+        _post(job, todo.events)
+
+
+def reconcile_sweep(namespace: str, name: str) -> None:
+    with _locks[("TTTSweep", namespace, name)]:
+        api = cluster()
+        sweep = api.get("TTTSweep", namespace, name)
+        if sweep is None or sweep["metadata"].get("deletionTimestamp"):
+            return
+        children = sweeps.by_trial(api.list("TTTJob", namespace, f"{sweeps.LABEL_SWEEP}={name}"))
+        todo = sweeps.plan_sweep(sweep, children, now_iso())
+        for job in todo.create:
+            try:
+                api.create(job)
+            except ApiException as exc:
+                if exc.status not in (400, 403, 422):
+                    raise
+                message = f"the API server refused trial {job['metadata']['name']}: {_reason(exc)}"
+                todo.status.update(phase=FAILED, message=message)
+                todo.events = [("Warning", "TrialRejected", message)]
+                break
+        api.patch_status("TTTSweep", namespace, name, todo.status)
+        _post(sweep, todo.events)
+
+
+def _post(body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+    meta = body["metadata"]
+    for kind, reason, message in events:
+        kopf.event(body, type=kind, reason=reason, message=message)
+        log.info("%s %s/%s: %s: %s", body["kind"], meta["namespace"], meta["name"], reason, message)
 
 
 def _reason(exc: ApiException) -> str:
@@ -132,3 +159,15 @@ def poll_progress(namespace: str, name: str, **_: Any) -> None:
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={LABEL_JOB: kopf.PRESENT})
 def on_rayjob(namespace: str, labels: dict[str, str], **_: Any) -> None:
     reconcile(namespace, labels[LABEL_JOB])
+
+
+@kopf.on.resume(GROUP, VERSION, sweeps.SWEEP_PLURAL)
+@kopf.on.create(GROUP, VERSION, sweeps.SWEEP_PLURAL)
+@kopf.on.update(GROUP, VERSION, sweeps.SWEEP_PLURAL, field="spec")
+def on_sweep(namespace: str, name: str, **_: Any) -> None:
+    reconcile_sweep(namespace, name)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, labels={sweeps.LABEL_SWEEP: kopf.PRESENT})
+def on_trial(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    reconcile_sweep(namespace, labels[sweeps.LABEL_SWEEP])

@@ -299,9 +299,14 @@ def test_operator_pod_hardening(default_objects: list[dict[str, Any]]) -> None:
 # ---------- RBAC ----------
 
 OPERATOR_RULES = {
-    *(("ttt.dev", "tttjobs", verb) for verb in ("get", "list", "watch", "patch", "update")),
-    *(("ttt.dev", "tttjobs/status", verb) for verb in ("get", "patch", "update")),
-    ("ttt.dev", "tttjobs/finalizers", "update"),
+    *(("ttt.dev", "tttjobs", verb) for verb in ("get", "list", "watch", "create", "patch", "update")),
+    *(("ttt.dev", "tttsweeps", verb) for verb in ("get", "list", "watch", "patch", "update")),
+    *(
+        ("ttt.dev", f"{kind}/status", verb)
+        for kind in ("tttjobs", "tttsweeps")
+        for verb in ("get", "patch", "update")
+    ),
+    *(("ttt.dev", f"{kind}/finalizers", "update") for kind in ("tttjobs", "tttsweeps")),
     *(("ray.io", "rayjobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
     *(("", "configmaps", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
     *((group, "events", verb) for group in ("", "events.k8s.io") for verb in ("create", "patch")),

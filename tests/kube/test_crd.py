@@ -4,6 +4,8 @@ the same admission chain (defaults, pruning, OpenAPI schema, CEL rules) as the A
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -11,7 +13,9 @@ import yaml
 from tests.helpers import ROOT
 from tests.kube.crdschema import admit
 
-CRD = yaml.safe_load((ROOT / "charts" / "ttt-platform" / "crds" / "tttjobs.ttt.dev.yaml").read_text())
+CRDS = ROOT / "charts" / "ttt-platform" / "crds"
+CRD = yaml.safe_load((CRDS / "tttjobs.ttt.dev.yaml").read_text())
+SWEEP_CRD = yaml.safe_load((CRDS / "tttsweeps.ttt.dev.yaml").read_text())
 EXAMPLES = sorted((ROOT / "jobs" / "examples").glob("*.yaml"))
 
 
@@ -21,10 +25,49 @@ def tiny() -> dict:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_are_valid(path):
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "TTTJob"]
-    assert docs, f"{path.name} holds no TTTJob"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs and {d["kind"] for d in docs} <= {"TTTJob", "TTTSweep"}, path.name
     for doc in docs:
-        assert admit(CRD, doc)[1] == []
+        assert admit(CRD if doc["kind"] == "TTTJob" else SWEEP_CRD, doc)[1] == []
+
+
+def test_sweep_crd_is_generated_from_the_job_crd():
+    """Its template schema is the TTTJob spec schema: regenerating it changes nothing."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "infra" / "gen-sweep-crd.py"), "--check"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    template = SWEEP_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    job_spec = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert {**template["properties"]["template"], "description": ""} == {**job_spec, "description": ""}
+
+
+def sweep() -> dict:
+    return yaml.safe_load((ROOT / "jobs" / "examples" / "sweep-tiny-cpu.yaml").read_text())
+
+
+BAD_SWEEPS = [
+    ({"parameters": []}, "spec.parameters"),
+    ({"parameters": [{"name": "model.window_size", "values": []}]}, "spec.parameters[0].values"),
+    ({"parameters": [{"name": "optim.lr", "min": 0.1, "max": 0.01, "num": 3}]}, "spec.parameters[0]"),
+    ({"parameters": [{"name": "optim.lr", "min": 0.1}]}, "spec.parameters[0]"),
+    ({"parameters": [{"name": "optim.lr", "values": [1], "min": 0.1, "max": 1}]}, "spec.parameters[0]"),
+    ({"parameters": [{"name": "window", "values": [1]}]}, "spec.parameters[0].name"),
+    ({"objective": {"metric": "val/accuracy"}}, "spec.objective.metric"),
+    ({"parallelism": 0}, "spec.parallelism"),
+    ({"algorithm": "bayes"}, "spec.algorithm"),
+    ({"template": {"numNodes": 1}}, "spec.template"),  # neither recipe nor config
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"), BAD_SWEEPS, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_SWEEPS)]
+)
+def test_bad_tttsweep_is_rejected_naming_the_field(change, field):
+    doc = sweep()
+    doc["spec"].update(change)
+    _, errors = admit(SWEEP_CRD, doc)
+    assert any(e.startswith(f"{field}:") or e.startswith(f"{field} ") for e in errors), errors
 
 
 def test_defaults_are_filled_in():

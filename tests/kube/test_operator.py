@@ -24,6 +24,7 @@ from ttt.storage import open_storage
 from ttt.train.report import ProgressReport
 
 CRD = ROOT / "charts" / "ttt-platform" / "crds" / "tttjobs.ttt.dev.yaml"
+SWEEP_CRD = ROOT / "charts" / "ttt-platform" / "crds" / "tttsweeps.ttt.dev.yaml"
 RAYJOB_CRD = DATA / "kuberay" / "ray.io_rayjobs.yaml"
 TINY = ROOT / "jobs" / "examples" / "tiny-cpu.yaml"
 NAMESPACE = "research"
@@ -71,6 +72,7 @@ def cluster(apiserver, tmp_path_factory):
     """The API server with both CRDs and a namespace; the operator watching that namespace."""
     base = tmp_path_factory.mktemp("operator")
     apiserver.load_crd(CRD)
+    apiserver.load_crd(SWEEP_CRD)
     apiserver.load_crd(RAYJOB_CRD)
     apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
@@ -122,12 +124,16 @@ def get(k, kind: str, name: str) -> dict | None:
     return proc if isinstance(proc, dict) else None
 
 
-def phase_is(k, name: str, phase: str) -> Callable[[], dict | None]:
+def phase_is_kind(k, kind: str, name: str, phase: str) -> Callable[[], dict | None]:
     def probe() -> dict | None:
-        job = get(k, "tttjob", name)
-        return job if job and job.get("status", {}).get("phase") == phase else None
+        obj = get(k, kind, name)
+        return obj if obj and obj.get("status", {}).get("phase") == phase else None
 
     return probe
+
+
+def phase_is(k, name: str, phase: str) -> Callable[[], dict | None]:
+    return phase_is_kind(k, "tttjob", name, phase)
 
 
 def set_rayjob_status(k, name: str, **status: str) -> None:
@@ -315,6 +321,79 @@ def test_rendered_config_runs_with_the_local_trainer(k, cluster, tmp_path):
     assert f"run {rendered.tracking.run_name}: {steps} steps" in proc.stdout
     progress = json.loads((tmp_path / "runs" / rendered.tracking.run_name / "progress.json").read_text())
     assert (progress["state"], progress["step"], progress["total_steps"]) == ("succeeded", steps, steps)
+
+
+def finish_trial(k, name: str, objective: float) -> None:
+    """What KubeRay and the trainer would do for a trial: the run reports its metrics, its RayJob succeeds."""
+    job = eventually(lambda: (j := get(k, "tj", name)) and j.get("status", {}).get("storagePath") and j, name)
+    report = ProgressReport(open_storage(job["status"]["storagePath"]), total_steps=150, every_s=0)
+    report.start(0, f"run-of-{name}", "sqlite:///x", None)
+    report.step(150, objective + 0.1, 1000.0)
+    report.final_metrics({"val/loss": objective + 0.05, "val/loss_past_window": objective})
+    report.finish("succeeded")
+    set_rayjob_status(k, f"{name}-a1", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+
+
+def test_sweep_runs_trials_within_parallelism_and_finds_the_best(k):
+    example = ROOT / "jobs" / "examples" / "sweep-tiny-cpu.yaml"
+    k("apply", "-f", str(example))
+    eventually(lambda: get(k, "tj", "tiny-w-b-t1"), "the first two trials")
+    sweep = eventually(
+        lambda: (s := get(k, "tsw", "tiny-w-b")) and s.get("status", {}).get("created") == 2 and s, "status"
+    )
+    assert sweep["status"]["total"] == 4 and get(k, "tj", "tiny-w-b-t2") is None  # parallelism 2
+    trial = get(k, "tj", "tiny-w-b-t0")
+    assert trial["metadata"]["ownerReferences"][0]["uid"] == sweep["metadata"]["uid"]
+    assert trial["spec"]["ttt"] == {"windowSize": 32, "miniBatchSize": 16}  # the knobs carry W and b
+    assert trial["spec"]["recipe"] == "tiny-cpu" and "train.total_steps=150" in trial["spec"]["overrides"]
+
+    objectives = {0: 1.90, 1: 1.70, 2: 2.00, 3: 1.80}
+    finish_trial(k, "tiny-w-b-t0", objectives[0])
+    eventually(lambda: get(k, "tj", "tiny-w-b-t2"), "trial 2 once trial 0 succeeded")
+    assert get(k, "tj", "tiny-w-b-t3") is None
+    finish_trial(k, "tiny-w-b-t1", objectives[1])
+    eventually(lambda: get(k, "tj", "tiny-w-b-t3"), "trial 3 once trial 1 succeeded")
+    finish_trial(k, "tiny-w-b-t2", objectives[2])
+    finish_trial(k, "tiny-w-b-t3", objectives[3])
+
+    sweep = eventually(phase_is_kind(k, "tsw", "tiny-w-b", "Succeeded"), "the sweep to succeed")
+    status = sweep["status"]
+    assert (status["total"], status["succeeded"], status["running"], status["failed"]) == (4, 4, 0, 0)
+    assert {t["index"]: t["objective"] for t in status["trials"]} == objectives
+    best = min(objectives, key=objectives.get)
+    assert status["best"]["index"] == best and status["best"]["objective"] == objectives[best]
+    assert status["best"]["parameters"] == {"model.window_size": 32, "ttt.mini_batch_size": 32}
+    assert status["best"]["mlflowRunId"] == f"run-of-tiny-w-b-t{best}"
+
+    header, row = k("get", "tttsweeps").splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "TRIALS", "RUNNING", "SUCCEEDED", "BEST", "AGE"]
+    assert row.split()[:5] == ["tiny-w-b", "Succeeded", "4", "0", "4"] and "1.7000" in row
+
+    k("delete", "tsw", "tiny-w-b")
+    eventually(
+        lambda: (
+            not [
+                j
+                for j in k("get", "tj", "-o", "json")["items"]
+                if j["metadata"]["name"].startswith("tiny-w-b")
+            ]
+        ),
+        "trials deleted with the sweep",
+    )
+
+
+def test_invalid_sweep_fails_before_any_trial(k):
+    sweep = yaml.safe_load((ROOT / "jobs" / "examples" / "sweep-tiny-cpu.yaml").read_text())
+    sweep["metadata"]["name"] = "bad-sweep"
+    sweep["spec"]["parameters"][1]["values"] = [16, 128]  # b = 128 > W for every window
+    k("apply", "-f", "-", stdin=yaml.safe_dump(sweep))
+    status = eventually(phase_is_kind(k, "tsw", "bad-sweep", "Failed"), "the sweep to fail")["status"]
+    assert status["message"].startswith("spec.parameters: 2 combination(s) are invalid"), status["message"]
+    assert "skip_invalid" in status["message"] or "skipInvalid" in status["message"]
+    time.sleep(1)
+    assert not [
+        j for j in k("get", "tj", "-o", "json")["items"] if j["metadata"]["name"].startswith("bad-sweep")
+    ]
 
 
 def test_without_kuberay_the_job_waits_and_says_why(tmp_path):

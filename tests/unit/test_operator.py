@@ -13,7 +13,7 @@ import yaml
 from tests.helpers import DATA, ROOT
 from ttt import config as cfgmod
 from ttt.errors import UserError
-from ttt_operator import builders
+from ttt_operator import builders, sweeps
 from ttt_operator.builders import SpecError
 from ttt_operator.reconcile import blocked, by_attempt, plan
 from ttt_operator.settings import Settings
@@ -359,3 +359,83 @@ def test_settings_from_the_environment():
     for bad in ("soon", "0"):
         with pytest.raises(UserError, match="TTT_POLL_SECONDS"):
             Settings.from_env({"TTT_POLL_SECONDS": bad})
+
+
+# -- sweeps -----------------------------------------------------------------------------------------
+
+
+def tiny_sweep(**spec) -> dict:
+    sweep = yaml.safe_load((EXAMPLES / "sweep-tiny-cpu.yaml").read_text())
+    sweep["metadata"].update(namespace="research", uid="sweep-uid", generation=1)
+    sweep["spec"].update(spec)
+    return sweep
+
+
+def child(index: int, phase: str, objective: float | None = None) -> dict:
+    status = {"phase": phase, "mlflowRunId": f"r{index}"}
+    if objective is not None:
+        status["metrics"] = {"val/loss_past_window": objective, "val/loss": objective + 1}
+    return {
+        "metadata": {"name": f"tiny-w-b-t{index}", "labels": {"ttt.dev/trial": str(index)}},
+        "status": status,
+    }
+
+
+def test_sweep_fills_parallelism_then_waits():
+    first = sweeps.plan_sweep(tiny_sweep(parallelism=3), {}, "t")
+    assert [j["metadata"]["name"] for j in first.create] == ["tiny-w-b-t0", "tiny-w-b-t1", "tiny-w-b-t2"]
+    running = {i: child(i, "Running") for i in range(3)}
+    assert sweeps.plan_sweep(tiny_sweep(parallelism=3), running, "t").create == []
+    running[1] = child(1, "Failed")
+    refill = sweeps.plan_sweep(tiny_sweep(parallelism=3), running, "t")
+    assert [j["metadata"]["name"] for j in refill.create] == ["tiny-w-b-t3"]
+    assert (refill.status["failed"], refill.status["phase"]) == (1, "Running")
+
+
+def test_sweep_best_follows_the_goal_and_ignores_failures():
+    done = {
+        0: child(0, "Succeeded", 2.0),
+        1: child(1, "Succeeded", 1.5),
+        2: child(2, "Failed"),
+        3: child(3, "Succeeded", 3.0),
+    }
+    low = sweeps.plan_sweep(tiny_sweep(), done, "t").status
+    assert (low["phase"], low["best"]["index"], low["succeeded"], low["failed"]) == ("Succeeded", 1, 3, 1)
+    high = sweeps.plan_sweep(
+        tiny_sweep(objective={"metric": "val/loss", "goal": "maximize"}), done, "t"
+    ).status
+    assert (high["best"]["index"], high["best"]["objective"], high["best"]["metric"]) == (3, 4.0, "val/loss")
+    failed = sweeps.plan_sweep(tiny_sweep(), {i: child(i, "Failed") for i in range(4)}, "t").status
+    assert failed["phase"] == "Failed" and failed["best"] is None
+
+
+def test_sweep_trial_spec_uses_knobs_and_overrides():
+    sweep = tiny_sweep(
+        parameters=[{"name": "model.window_size", "values": [64]}, {"name": "optim.lr", "values": [0.002]}]
+    )
+    (job,) = sweeps.plan_sweep(sweep, {}, "t").create
+    assert job["spec"]["ttt"]["windowSize"] == 64 and job["spec"]["overrides"][-1] == "optim.lr=0.002"
+    assert job["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "ttt.dev/v1alpha1",
+        "kind": "TTTSweep",
+        "name": "tiny-w-b",
+        "uid": "sweep-uid",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    cfg = builders.render_config({**job, "metadata": {**job["metadata"], "uid": UID}}, SETTINGS)
+    assert (cfg.model.window_size, cfg.optim.lr, cfg.train.total_steps) == (64, 0.002, 150)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"parameters": [{"name": "model.windw_size", "values": [1]}]}, "spec.parameters[0].name"),
+        ({"maxTrials": 2}, "spec.maxTrials"),
+        ({"template": {"recipe": "tiny-cpu", "ttt": {"seqLen": 100}}}, "spec.template.ttt.seqLen"),
+    ],
+)
+def test_invalid_sweep_fails_naming_the_field(change, words):
+    out = sweeps.plan_sweep(tiny_sweep(**change), {}, "t")
+    assert out.create == [] and out.status["phase"] == "Failed"
+    assert out.status["message"].startswith(words), out.status["message"]

@@ -293,8 +293,12 @@ def from_resource(sweep: Mapping[str, Any]) -> tuple[SweepSpec, Mapping[str, Any
     try:
         return from_dict(data, source="spec"), template
     except ConfigError as exc:
-        parts = [_SNAKE.get(p, p) for p in exc.field.split(".")]
-        raise ConfigError("spec." + ".".join(parts), exc.message) from None
+        raise ConfigError(resource_field(exc.field), exc.message) from None
+
+
+def resource_field(field: str) -> str:
+    """A sweep field as the TTTSweep names it: max_trials → spec.maxTrials."""
+    return "spec." + ".".join(_SNAKE.get(p, p) for p in field.split("."))
 
 
 def load_any(path: str) -> tuple[SweepSpec, JobConfig]:
