@@ -154,6 +154,25 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ttt.sweep.local import describe, run_sweep
+    from ttt.sweep.spec import load_any
+
+    if args.parallelism is not None and args.parallelism < 1:
+        raise UserError(f"--parallelism: {args.parallelism} is not a number of trials (at least 1)")
+    spec, base = load_any(args.sweep)
+    if args.dry_run:
+        print(describe(spec, base))
+        return 0
+    result = run_sweep(
+        spec, base, root=args.root, tracking_uri=args.tracking_uri, parallelism=args.parallelism
+    )
+    if result.failed:
+        print(f"ttt: {len(result.failed)} of {len(result.trials)} trials failed", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ttt.demo import run_demo
 
@@ -201,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bos-token", default="<|begin_of_text|>", help="BOS token of a Hugging Face tokenizer")
     p.add_argument("--val-every", type=int, default=20, help="hold out every N-th document (default 20)")
     p.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("sweep", help="train every trial of a sweep with Ray Tune, tracked in MLflow")
+    p.add_argument("sweep", help="sweep YAML file (with base:) or a TTTSweep manifest")
+    p.add_argument("--root", default="runs/sweeps", help="where trials' runs go (default runs/sweeps)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under --root)")
+    p.add_argument("--parallelism", type=int, help="trials at once (default: the sweep's parallelism)")
+    p.add_argument("--dry-run", action="store_true", help="list the trials and skipped combinations only")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("demo", help="train tiny TTT-E2E and its no-TTT ablation on CPU and compare them")
     p.add_argument("--root", default="runs/demo", help="where the demo's runs go (default runs/demo)")

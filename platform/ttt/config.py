@@ -238,6 +238,13 @@ class TrackingConfig:
         None, description="MLflow run whose loss-by-position curve the plot shows next to this run's."
     )
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory usage alongside the metrics.")
+    parent_run_id: str | None = Field(
+        None, description="MLflow run this run is a child of (a sweep's run for each of its trials)."
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra tags on the MLflow run (a sweep's trials: ttt.sweep, ttt.trial).",
+    )
 
 
 @dataclass(config=_SECTION, frozen=True)

@@ -81,7 +81,8 @@ class Tracker:
                 experiment_id=None if run_id else experiment_id,
                 run_name=None if run_id else run_name,
                 log_system_metrics=self.cfg.system_metrics,
-                tags=tags,
+                # Also set on a resumed run: a sweep run again adopts its trials' runs as children.
+                tags={**tags, **self.run_tags()},
             )
             if run_id is None:
                 mlflow.log_params(params)
@@ -91,6 +92,11 @@ class Tracker:
             raise TrackingError(f"MLflow at {self.uri} refused the run: {exc}") from None
         self.run_id = active.info.run_id
         return self.run_id
+
+    def run_tags(self) -> dict[str, str]:
+        """The config's tags, and the parent link MLflow's UI nests child runs by."""
+        parent = {"mlflow.parentRunId": self.cfg.parent_run_id} if self.cfg.parent_run_id else {}
+        return {**self.cfg.tags, **parent}
 
     def _check_reachable(self) -> None:
         if not self.uri.startswith(("http://", "https://")):

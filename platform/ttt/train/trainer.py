@@ -95,10 +95,13 @@ class Trainer:
         world_size: int = 1,
         progress: bool = True,
         on_checkpoint: Callable[[int, str], None] | None = None,
+        on_metrics: Callable[[dict[str, float], int], None] | None = None,
     ):
         """`on_checkpoint(step, uri)` runs on every rank after each complete checkpoint (Ray Train hears
-        of checkpoints through it)."""
+        of checkpoints through it). `on_metrics(metrics, step)` runs on every rank after each step's
+        training metrics and each periodic evaluation (a sweep's early stopping watches them)."""
         self.on_checkpoint = on_checkpoint
+        self.on_metrics = on_metrics
         self.job = job
         self.run_name = run_name
         self.rank = rank
@@ -313,14 +316,17 @@ class Trainer:
             if peak:
                 metrics["train/mfu"] = flops * tokens_per_step / seconds / peak
             tracker.log_metrics(metrics, step)
+            if self.on_metrics:
+                self.on_metrics(metrics, step)
             progress.update(loss, tokens_per_step / seconds)
             self.report.step(state.step, loss, tokens_per_step / seconds)
             done = state.step == cfg.total_steps
             if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
                 result = self._evaluate(engine, val, job.ttt, device, autocast)
-                tracker.log_metrics(
-                    {"val/loss": result.loss, "val/loss_past_window": result.loss_past_window}, step
-                )
+                val_metrics = {"val/loss": result.loss, "val/loss_past_window": result.loss_past_window}
+                tracker.log_metrics(val_metrics, step)
+                if self.on_metrics:
+                    self.on_metrics(val_metrics, step)
                 tracker.log_text(json.dumps(result.to_dict()), f"eval/step-{step:08d}/loss_by_position.json")
             if state.step % cfg.checkpoint_every == 0 or done:
                 last = save()
