@@ -140,6 +140,8 @@ def sweep_status() -> dict:
                     "summary": {"type": "string"},
                 },
             },
+            "mlflowRunId": {"type": "string", "description": "The sweep's MLflow parent run."},
+            "mlflowLogged": {"type": "boolean", "description": "The parent run holds the final results."},
             "startTime": {"type": "string", "format": "date-time"},
             "completionTime": {"type": "string", "format": "date-time"},
             "conditions": {
@@ -164,6 +166,7 @@ def build() -> dict:
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Failed", "type": "integer", "jsonPath": ".status.failed", "priority": 1},
         {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric", "priority": 1},
+        {"name": "MLflow", "type": "string", "jsonPath": ".status.mlflowRunId", "priority": 1},
         {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
     ]
     schema = {

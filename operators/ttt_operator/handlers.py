@@ -14,9 +14,11 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from ttt.config import ConfigError
 from ttt.storage import open_storage
+from ttt.sweep.spec import from_resource
 from ttt.train.report import read_progress
-from ttt_operator import builders, sweeps
+from ttt_operator import builders, sweep_tracking, sweeps
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION, SpecError
 from ttt_operator.cluster import Cluster, KubeRayMissing, load_credentials
 from ttt_operator.reconcile import blocked, by_attempt, plan
@@ -84,7 +86,13 @@ def reconcile_sweep(namespace: str, name: str) -> None:
         if sweep is None or sweep["metadata"].get("deletionTimestamp"):
             return
         children = sweeps.by_trial(api.list("TTTJob", namespace, f"{sweeps.LABEL_SWEEP}={name}"))
-        todo = sweeps.plan_sweep(sweep, children, now_iso())
+        old = sweep.get("status") or {}
+        template = sweep["spec"].get("template") or {}
+        uri = (template.get("mlflow") or {}).get("trackingUri") or SETTINGS.mlflow_tracking_uri
+        parent = old.get("mlflowRunId")
+        if parent is None and not children and sweep_tracking.reachable_uri(uri):
+            parent = _open_parent(sweep, uri)
+        todo = sweeps.plan_sweep(sweep, children, now_iso(), parent)
         for job in todo.create:
             try:
                 api.create(job)
@@ -95,8 +103,41 @@ def reconcile_sweep(namespace: str, name: str) -> None:
                 todo.status.update(phase=FAILED, message=message)
                 todo.events = [("Warning", "TrialRejected", message)]
                 break
+        if (
+            parent
+            and todo.status.get("phase") in TERMINAL
+            and not old.get("mlflowLogged")
+            and not todo.create
+        ):
+            todo.status["mlflowLogged"] = _close_parent(sweep, uri, parent, children, todo.status.get("best"))
         api.patch_status("TTTSweep", namespace, name, todo.status)
         _post(sweep, todo.events)
+
+
+def _open_parent(sweep: dict[str, Any], uri: str) -> str | None:
+    """The sweep's MLflow parent run; trouble with MLflow must not hold the trials back."""
+    try:
+        spec, template = from_resource(sweep)
+        expansion = sweeps.trials_of(sweep)
+        experiment = (template.get("mlflow") or {}).get("experiment", "ttt-e2e")
+        return sweep_tracking.open_parent(uri, experiment, spec, expansion, sweep["metadata"]["name"])
+    except (ConfigError, SpecError):
+        return None  # plan_sweep reports the invalid spec
+    except Exception as exc:
+        _post(sweep, [("Warning", "MLflowUnavailable", f"no parent run at {uri}: {exc}")])
+        return None
+
+
+def _close_parent(sweep: dict, uri: str, parent: str, children: dict, best: dict | None) -> bool:
+    try:
+        spec, _ = from_resource(sweep)
+        expansion = sweeps.trials_of(sweep)
+        best_index = best["index"] if best else None
+        sweep_tracking.close_parent(uri, parent, spec, expansion, children, best_index)
+    except Exception as exc:
+        _post(sweep, [("Warning", "MLflowUnavailable", f"could not finish parent run {parent}: {exc}")])
+        return False
+    return True
 
 
 def _post(body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:

@@ -48,11 +48,14 @@ def trial_name(sweep_name: str, index: int) -> str:
     return f"{sweep_name}-t{index}"
 
 
-def trial_job(sweep: dict[str, Any], trial: Trial) -> dict[str, Any]:
-    """The trial's TTTJob: the template with the trial's values, as knobs where the spec has one."""
+def trial_job(sweep: dict[str, Any], trial: Trial, parent_run_id: str | None = None) -> dict[str, Any]:
+    """The trial's TTTJob: the template with the trial's values, as knobs where the spec has one, and
+    its MLflow run a child of the sweep's."""
     meta = sweep["metadata"]
     spec = copy.deepcopy(sweep["spec"]["template"])
     overrides = list(spec.get("overrides") or [])
+    if parent_run_id:
+        overrides.append(f"tracking.parent_run_id={json.dumps(parent_run_id)}")
     for name, value in trial.params.items():
         if name in _KNOB_OF:
             spec.setdefault("ttt", {})[_KNOB_OF[name]] = value
@@ -97,7 +100,9 @@ def objective_of(job: dict[str, Any], metric: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def plan_sweep(sweep: dict[str, Any], children: dict[int, dict[str, Any]], now: str) -> SweepPlan:
+def plan_sweep(
+    sweep: dict[str, Any], children: dict[int, dict[str, Any]], now: str, parent_run_id: str | None = None
+) -> SweepPlan:
     old = sweep.get("status") or {}
     generation = sweep["metadata"].get("generation")
     out = SweepPlan()
@@ -116,7 +121,7 @@ def plan_sweep(sweep: dict[str, Any], children: dict[int, dict[str, Any]], now: 
         if unfinished >= parallelism:
             break
         if trial.index not in children:
-            out.create.append(trial_job(sweep, trial))
+            out.create.append(trial_job(sweep, trial, parent_run_id))
             phase_of[trial.index] = PENDING
             unfinished += 1
             out.events.append(("Normal", "TrialCreated", f"trial {trial.index}: {trial.label()}"))
@@ -182,6 +187,7 @@ def plan_sweep(sweep: dict[str, Any], children: dict[int, dict[str, Any]], now: 
         "startTime": old.get("startTime") or now,
         "completionTime": (old.get("completionTime") or now) if phase in TERMINAL else None,
         "best": None,
+        "mlflowRunId": parent_run_id,
     }
     if best is not None:
         label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in best["parameters"].items())

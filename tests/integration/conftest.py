@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -26,39 +24,6 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("TTT_CACHE_DIR", None)
     else:
         os.environ["TTT_CACHE_DIR"] = old
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{base / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(base / "artifacts"),
-    ]
-    shm = Path("/dev/shm")
-    before = set(shm.iterdir()) if shm.is_dir() else set()
-    with open(base / "server.log", "wb") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            wait_for(f"http://127.0.0.1:{port}/health", proc, seconds=90)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop(proc)
-            # The server keeps its job queue in a temporary folder under /dev/shm and leaves it there.
-            for folder in (set(shm.iterdir()) - before) if shm.is_dir() else ():
-                if any(p.name.endswith(".mlflow-huey-store") for p in folder.iterdir()):
-                    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,14 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from tests.helpers import DATA, ROOT
 from tests.integration.services import free_port, stop, wait_for
 from tests.kube.apiserver import FakeApiServer
 from ttt import config as cfgmod
 from ttt.storage import open_storage
+from ttt.tracking.logger import CURVE_ARTIFACT
 from ttt.train.report import ProgressReport
 
 CRD = ROOT / "charts" / "ttt-platform" / "crds" / "tttjobs.ttt.dev.yaml"
@@ -68,7 +70,7 @@ class Operator:
 
 
 @pytest.fixture(scope="module")
-def cluster(apiserver, tmp_path_factory):
+def cluster(apiserver, tmp_path_factory, mlflow_server):
     """The API server with both CRDs and a namespace; the operator watching that namespace."""
     base = tmp_path_factory.mktemp("operator")
     apiserver.load_crd(CRD)
@@ -83,10 +85,11 @@ def cluster(apiserver, tmp_path_factory):
         "TTT_STORAGE_URI": str(base / "runs"),
         "TTT_DEFAULT_IMAGE": IMAGE,
         "TTT_POLL_SECONDS": "1",
+        "TTT_MLFLOW_TRACKING_URI": mlflow_server,
     }
     operator = Operator(env, base / "operator.log")
     operator.start()
-    yield {"operator": operator, "kubeconfig": kubeconfig, "base": base}
+    yield {"operator": operator, "kubeconfig": kubeconfig, "base": base, "mlflow": mlflow_server}
     operator.stop()
 
 
@@ -323,18 +326,41 @@ def test_rendered_config_runs_with_the_local_trainer(k, cluster, tmp_path):
     assert (progress["state"], progress["step"], progress["total_steps"]) == ("succeeded", steps, steps)
 
 
-def finish_trial(k, name: str, objective: float) -> None:
-    """What KubeRay and the trainer would do for a trial: the run reports its metrics, its RayJob succeeds."""
+def finish_trial(k, name: str, objective: float) -> str:
+    """What the trainer and KubeRay would do for a trial, from the config the operator rendered for it:
+    an MLflow run (a child of the sweep's) with metrics and a loss curve, the run's report, and a RayJob
+    that succeeds. Returns the trial's MLflow run id."""
     job = eventually(lambda: (j := get(k, "tj", name)) and j.get("status", {}).get("storagePath") and j, name)
+    cfg = cfgmod.from_yaml(
+        eventually(lambda: get(k, "configmap", f"{name}-a1"), "config")["data"]["job.yaml"]
+    )
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+    )
+    run = client.create_run(
+        experiment_id, run_name=name, tags={"mlflow.parentRunId": cfg.tracking.parent_run_id or ""}
+    )
+    metrics = {"val/loss": objective + 0.05, "val/loss_past_window": objective}
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    curve = [3.0 - objective * i / 255 for i in range(256)]
+    client.log_dict(
+        run.info.run_id, {"loss_by_position": curve, "window": cfg.model.window_size}, CURVE_ARTIFACT
+    )
+    client.set_terminated(run.info.run_id)
+
     report = ProgressReport(open_storage(job["status"]["storagePath"]), total_steps=150, every_s=0)
-    report.start(0, f"run-of-{name}", "sqlite:///x", None)
+    report.start(0, run.info.run_id, cfg.tracking.uri, None)
     report.step(150, objective + 0.1, 1000.0)
-    report.final_metrics({"val/loss": objective + 0.05, "val/loss_past_window": objective})
+    report.final_metrics(metrics)
     report.finish("succeeded")
     set_rayjob_status(k, f"{name}-a1", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    return run.info.run_id
 
 
-def test_sweep_runs_trials_within_parallelism_and_finds_the_best(k):
+def test_sweep_runs_trials_within_parallelism_and_finds_the_best(k, cluster):
     example = ROOT / "jobs" / "examples" / "sweep-tiny-cpu.yaml"
     k("apply", "-f", str(example))
     eventually(lambda: get(k, "tj", "tiny-w-b-t1"), "the first two trials")
@@ -348,13 +374,13 @@ def test_sweep_runs_trials_within_parallelism_and_finds_the_best(k):
     assert trial["spec"]["recipe"] == "tiny-cpu" and "train.total_steps=150" in trial["spec"]["overrides"]
 
     objectives = {0: 1.90, 1: 1.70, 2: 2.00, 3: 1.80}
-    finish_trial(k, "tiny-w-b-t0", objectives[0])
+    runs = {0: finish_trial(k, "tiny-w-b-t0", objectives[0])}
     eventually(lambda: get(k, "tj", "tiny-w-b-t2"), "trial 2 once trial 0 succeeded")
     assert get(k, "tj", "tiny-w-b-t3") is None
-    finish_trial(k, "tiny-w-b-t1", objectives[1])
+    runs[1] = finish_trial(k, "tiny-w-b-t1", objectives[1])
     eventually(lambda: get(k, "tj", "tiny-w-b-t3"), "trial 3 once trial 1 succeeded")
-    finish_trial(k, "tiny-w-b-t2", objectives[2])
-    finish_trial(k, "tiny-w-b-t3", objectives[3])
+    runs[2] = finish_trial(k, "tiny-w-b-t2", objectives[2])
+    runs[3] = finish_trial(k, "tiny-w-b-t3", objectives[3])
 
     sweep = eventually(phase_is_kind(k, "tsw", "tiny-w-b", "Succeeded"), "the sweep to succeed")
     status = sweep["status"]
@@ -363,7 +389,23 @@ def test_sweep_runs_trials_within_parallelism_and_finds_the_best(k):
     best = min(objectives, key=objectives.get)
     assert status["best"]["index"] == best and status["best"]["objective"] == objectives[best]
     assert status["best"]["parameters"] == {"model.window_size": 32, "ttt.mini_batch_size": 32}
-    assert status["best"]["mlflowRunId"] == f"run-of-tiny-w-b-t{best}"
+    assert status["best"]["mlflowRunId"] == runs[best]
+
+    # MLflow: a parent run with the four trials as children, the best trial and the sweep's files.
+    sweep = eventually(
+        lambda: (s := get(k, "tsw", "tiny-w-b")) and s["status"].get("mlflowLogged") and s, "MLflow"
+    )
+    client = MlflowClient(cluster["mlflow"])
+    parent = client.get_run(sweep["status"]["mlflowRunId"])
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny-w-b"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(r.info.run_id for r in children) == sorted(runs.values())
+    assert parent.data.metrics["best/val/loss_past_window"] == objectives[best]
+    assert parent.data.tags["ttt.sweep.best_run_id"] == runs[best]
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/results.csv", "sweep/heatmap.png", "sweep/loss_by_position.png"} <= files
 
     header, row = k("get", "tttsweeps").splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "TRIALS", "RUNNING", "SUCCEEDED", "BEST", "AGE"]

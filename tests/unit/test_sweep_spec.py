@@ -262,7 +262,7 @@ def test_a_sweep_file_needs_a_base(tmp_path):
 def test_the_bundled_sweep_is_a_valid_two_by_two_grid():
     from tests.helpers import ROOT
 
-    spec, base = load_any(str(ROOT / "jobs" / "sweeps" / "tiny-window-minibatch.yaml"))
+    spec, base = load_any(str(ROOT / "jobs" / "examples" / "sweep-tiny-cpu.yaml"))
     trials = expand(spec, base).trials
     assert len(trials) == 4 and spec.parallelism == 2 and spec.objective.metric == "val/loss_past_window"
     assert {(t.config.model.window_size, t.config.ttt.mini_batch_size) for t in trials} == {

@@ -599,15 +599,15 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(value)  # repr: the exact float MLflow holds
 
 
-def _write_artifacts(
+def sweep_files(
     spec: SweepSpec,
     expansion: Expansion,
     outcomes: list[TrialOutcome],
     best: TrialOutcome | None,
-    sweep_root: str,
-    parent: Tracker,
-) -> dict[str, str]:
-    """results.csv, heatmap.png and loss_by_position.png into <sweep folder>/sweep/ and the parent run."""
+    folder: Path,
+) -> list[Path]:
+    """results.csv, sweep.yaml, heatmap.png and loss_by_position.png, written into `folder` (the parent
+    run's `sweep/` artifacts; the TTTSweep operator writes the same files)."""
     from ttt.sweep import plots
 
     names = [p.name for p in spec.parameters]
@@ -627,17 +627,28 @@ def _write_artifacts(
         if o.curve
     ]
     title = f"sweep {spec.name}\n{metric} of each trial"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.csv").write_text(results_csv(outcomes, names, metric))
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    plots.save_png(plots.objective_figure(points, names, metric, goal, title), folder / "heatmap.png")
+    overlay = plots.curves_figure(curves, f"sweep {spec.name}: validation loss by position per trial")
+    plots.save_png(overlay, folder / "loss_by_position.png")
+    return sorted(folder.iterdir())
+
+
+def _write_artifacts(
+    spec: SweepSpec,
+    expansion: Expansion,
+    outcomes: list[TrialOutcome],
+    best: TrialOutcome | None,
+    sweep_root: str,
+    parent: Tracker,
+) -> dict[str, str]:
+    """The sweep's files into <sweep folder>/sweep/ and the parent run."""
     storage = open_storage(sweep_root)
     written: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="ttt-sweep-") as tmp:
-        folder = Path(tmp) / "sweep"
-        folder.mkdir()
-        (folder / "results.csv").write_text(results_csv(outcomes, names, metric))
-        (folder / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
-        plots.save_png(plots.objective_figure(points, names, metric, goal, title), folder / "heatmap.png")
-        overlay = plots.curves_figure(curves, f"sweep {spec.name}: validation loss by position per trial")
-        plots.save_png(overlay, folder / "loss_by_position.png")
-        for path in sorted(folder.iterdir()):
+        for path in sweep_files(spec, expansion, outcomes, best, Path(tmp) / "sweep"):
             storage.write_bytes(f"sweep/{path.name}", path.read_bytes())
             parent.log_artifact(path, "sweep")
             written[f"sweep/{path.name}"] = join(sweep_root, "sweep", path.name)
