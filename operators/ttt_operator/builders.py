@@ -65,6 +65,16 @@ def cpu_cores(quantity: str) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
+def by_index(objects: list[dict[str, Any]], label: str) -> dict[int, dict[str, Any]]:
+    """Owned objects keyed by the number in their `label` (an attempt, a trial); others are ignored."""
+    out = {}
+    for obj in objects:
+        value = (obj["metadata"].get("labels") or {}).get(label, "")
+        if value.isdigit():
+            out[int(value)] = obj
+    return out
+
+
 def run_name(job: dict[str, Any]) -> str:
     """Stable across attempts, unique across re-created jobs of the same name."""
     meta = job["metadata"]

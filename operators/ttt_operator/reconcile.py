@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ttt.config import JobConfig
-from ttt_operator.builders import LABEL_ATTEMPT, SpecError, attempt_name
+from ttt_operator.builders import LABEL_ATTEMPT, SpecError, attempt_name, by_index
 from ttt_operator.status import (
     FAILED,
     PENDING,
@@ -43,12 +43,7 @@ class Plan:
 
 
 def by_attempt(rayjobs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    out = {}
-    for rj in rayjobs:
-        label = (rj["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "")
-        if label.isdigit():
-            out[int(label)] = rj
-    return out
+    return by_index(rayjobs, LABEL_ATTEMPT)
 
 
 def plan(

@@ -13,7 +13,7 @@ from typing import Any
 from ttt.config import ConfigError
 from ttt.jobspec import KNOBS, SpecError, job_config
 from ttt.sweep.spec import Expansion, Trial, expand, from_resource, resource_field
-from ttt_operator.builders import GROUP, KIND, VERSION
+from ttt_operator.builders import GROUP, KIND, VERSION, by_index
 from ttt_operator.status import FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, set_condition
 
 SWEEP_PLURAL = "tttsweeps"
@@ -87,12 +87,7 @@ def trial_job(sweep: dict[str, Any], trial: Trial, parent_run_id: str | None = N
 
 
 def by_trial(jobs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    out = {}
-    for job in jobs:
-        label = (job["metadata"].get("labels") or {}).get(LABEL_TRIAL, "")
-        if label.isdigit():
-            out[int(label)] = job
-    return out
+    return by_index(jobs, LABEL_TRIAL)
 
 
 def objective_of(job: dict[str, Any], metric: str) -> float | None:

@@ -104,12 +104,7 @@ def _heatmap(points, rows, cols, row_values, col_values, metric, goal, title) ->
         ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
     ax.set_xticks(range(len(col_values)), [_fmt(v) for v in col_values])
     ax.set_yticks(range(len(row_values)), [_fmt(v) for v in row_values])
-    ax.set_xlabel(cols)
-    ax.set_ylabel(rows)
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax).set_label(_metric_label(metric, goal))
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, image, rows, cols, title, _metric_label(metric, goal))
 
 
 def _metric_label(metric: str, goal: str) -> str:
@@ -191,10 +186,15 @@ def _scatter(points, rows, cols, metric, goal, title) -> Figure:
         values = [p.params.get(name) for p in points if isinstance(p.params.get(name), (int, float))]
         if values and min(values) > 0 and max(values) / min(values) > 100:
             setter("log")
+    return _finish(fig, ax, dots, rows, cols, title, _metric_label(metric, goal))
+
+
+def _finish(fig: Figure, ax, mappable, rows: str, cols: str, title: str, colour_label: str) -> Figure:
+    """Axis names, title and a labelled colour bar: what every objective plot carries."""
     ax.set_xlabel(cols)
     ax.set_ylabel(rows)
     ax.set_title(title, fontsize=10)
-    fig.colorbar(dots, ax=ax).set_label(_metric_label(metric, goal))
+    fig.colorbar(mappable, ax=ax).set_label(colour_label)
     fig.tight_layout()
     return fig
 
