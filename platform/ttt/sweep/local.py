@@ -203,7 +203,7 @@ def run_sweep(
     tracking_uri: str | None = None,
     parallelism: int | None = None,
     progress: bool = True,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Run every trial of the sweep; raises ConfigError before anything starts if a trial is invalid."""
     started = time.perf_counter()
@@ -212,7 +212,7 @@ def run_sweep(
     parallelism = min(parallelism or spec.parallelism, len(expansion.trials))
     root = root if root.startswith("s3://") else str(Path(root).resolve())
     uri = tracking_uri or base.tracking.uri or default_tracking_uri(root)
-    say = echo if progress else (lambda _line: None)
+    say = (echo or _print) if progress else _silent
     names = [p.name for p in spec.parameters]
 
     quiet_mlflow()
@@ -262,6 +262,16 @@ def run_sweep(
     )
     say(summary(result, names))
     return result
+
+
+def _print(line: str) -> None:
+    # Looked up at call time, and a module function: Tune pickles its callbacks, and Ray Train may have
+    # replaced builtins.print in this process (a captured `print` would then no longer pickle).
+    print(line, flush=True)
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def pick_best(outcomes: list[TrialOutcome], metric: str, goal: str) -> TrialOutcome | None:
