@@ -209,9 +209,9 @@ class Trainer:
             )
             train_seconds = time.perf_counter() - start
             final, final_no_ttt, plot = self._final_eval(engine, val, device, autocast, state, tracker)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # stopped from outside (Ctrl-C, a sweep's scheduler)
             tracker.end("KILLED")
-            self._finish_report("killed", "interrupted")
+            self._finish_report("killed", "stopped")
             raise
         except BaseException as exc:
             tracker.end("FAILED")
