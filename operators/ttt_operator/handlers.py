@@ -1,6 +1,7 @@
-"""kopf handlers: thin. Every trigger (a TTTJob created, changed or resumed after a restart; a RayJob
-changed; the progress timer) runs the same `reconcile`, which reads what exists, asks `reconcile.plan`
-what to do, and does it.
+"""kopf handlers: thin. Every trigger of a TTTJob (created, changed or resumed after a restart; one of its
+RayJobs changed; the progress timer) runs the same `reconcile`, which reads what exists, asks
+`reconcile.plan` what to do, and does it. TTTSweeps likewise: `reconcile_sweep` on the sweep's own events
+and on its trial TTTJobs' changes, deciding through `sweeps.plan_sweep`.
 """
 
 from __future__ import annotations
