@@ -126,22 +126,72 @@ def format_result(result) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ttt.eval.position import evaluate_checkpoint
+    from ttt.eval.position import NiahSettings, evaluate_suite, log_suite, parse_suite, write_suite
 
-    result = evaluate_checkpoint(
+    suite = parse_suite(args.suite)
+    niah = NiahSettings(
+        lengths=_numbers("--niah-lengths", args.niah_lengths, int),
+        depths=_numbers("--niah-depths", args.niah_depths, float),
+        trials=args.niah_trials,
+        tasks=tuple(t.strip() for t in args.niah_tasks.split(",") if t.strip()),
+        distractors=args.niah_distractors,
+        haystack=args.niah_haystack,
+    )
+    result = evaluate_suite(
         args.checkpoint,
+        suite,
+        baselines=args.baseline,
         data=args.data,
         seq_len=args.seq_len,
         sequences=args.sequences,
         batch_size=args.batch_size,
         device=args.device,
+        niah=niah,
     )
-    if args.plot:
+    if args.plot and result.curves:
         from ttt.tracking.plots import loss_by_position_plot
 
         loss_by_position_plot(result.curves, result.window, Path(args.plot), args.checkpoint)
         result.report["plot"] = args.plot
+    files = {}
+    if args.output or args.tracking_uri:
+        import tempfile
+
+        # MLflow gets its artifacts from files: without --output they are written to a scratch folder.
+        output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="ttt-eval-"))
+        files = write_suite(result, output)
+    if args.tracking_uri:
+        result.report["mlflow_run_id"] = log_suite(result, files, args.tracking_uri)
     print(json.dumps(result.report, indent=2))
+    return 0
+
+
+def _numbers(flag: str, text: str, kind: type) -> tuple:
+    try:
+        return tuple(kind(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise UserError(f"{flag}: '{text}' is not a comma-separated list of numbers") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ttt.eval.generate import PromptTooShortError, byte_tokenizer_for, generate, load_model
+
+    model, job = load_model(args.checkpoint, args.device)
+    tokenizer = byte_tokenizer_for(job)
+    try:
+        tokens = generate(
+            model,
+            job.ttt,
+            tokenizer.encode(args.prompt),
+            args.max_new_tokens,
+            greedy=args.greedy,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    except PromptTooShortError as exc:  # byte-level: a token is a byte of --prompt
+        raise UserError(f"--prompt: {exc}") from None
+    sys.stdout.write(tokenizer.decode(tokens) + "\n")
     return 0
 
 
@@ -202,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss and loss by position of a checkpoint")
+    p = sub.add_parser("eval", help="validation loss, loss by position and S-NIAH retrieval of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file (.pt) or run directory, local or s3://")
     p.add_argument("--data", help="dataset to evaluate on (default: the run's)")
     p.add_argument("--seq-len", type=int, help="context length (default: the run's)")
@@ -210,7 +260,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--plot", help="write the loss-by-position plot to this PNG")
+    p.add_argument(
+        "--suite",
+        default="loss,position",
+        help="comma-separated parts: loss, position (loss by position), niah (default loss,position)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="another checkpoint evaluated alongside, on the model's data and context (repeatable)",
+    )
+    p.add_argument("--output", help="folder for report.json, niah.csv and the plots")
+    p.add_argument("--tracking-uri", help="also log the results as a run of MLflow experiment 'ttt-eval'")
+    p.add_argument(
+        "--niah-lengths", default="256,512", help="S-NIAH context lengths, rounded up to multiples of b"
+    )
+    p.add_argument("--niah-depths", default="0,0.5,1", help="S-NIAH needle depths, 0 (start) to 1 (end)")
+    p.add_argument("--niah-trials", type=int, default=8, help="S-NIAH trials per cell (default 8)")
+    p.add_argument("--niah-tasks", default="passkey,number", help="S-NIAH tasks: passkey, number")
+    p.add_argument(
+        "--niah-distractors", type=int, default=4, help="wrong answers each answer is ranked against"
+    )
+    p.add_argument(
+        "--niah-haystack",
+        default="passage",
+        choices=["passage", "data"],
+        help="filler: a fixed repeated passage (default) or text from the validation split",
+    )
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "generate", help="continue a text prompt with a byte-level checkpoint, with test-time training"
+    )
+    p.add_argument("checkpoint", help="checkpoint file (.pt) or run directory, local or s3://")
+    p.add_argument("--prompt", required=True, help="text to continue (a TTT model needs one mini-batch)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_generate)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="tokenize text files or folders into train/val token streams")
