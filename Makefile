@@ -29,6 +29,7 @@ format: install
 bench: install
 	$(PY) benchmarks/meta_step.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/workers.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/inference.py --write benchmarks/RESULTS.md
 
 # The Helm chart: lint (helm keeps its cache and config inside the venv, not in the home folder), then its tests.
 chart: install

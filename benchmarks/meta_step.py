@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from results import write_block
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -137,27 +139,8 @@ def main() -> None:
     table = render(rows, args)
     print(table)
     if args.write:
-        write_block(args.write, table)
-
-
-BEGIN, END = "<!-- meta_step:begin -->", "<!-- meta_step:end -->"
-
-
-def write_block(path: str, table: str) -> None:
-    """Replace the measured block of `path` (between the markers), keeping any notes around it."""
-    block = f"{BEGIN}\n{table}{END}\n"
-    try:
-        with open(path) as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        text = ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text + ("\n" if text else "") + block
-    with open(path, "w") as fh:
-        fh.write(text)
+        heading = "Meta step vs context length (`benchmarks/meta_step.py`)"
+        write_block(args.write, "meta_step", table, heading)
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:

@@ -16,12 +16,11 @@ import tempfile
 
 from mlflow.tracking import MlflowClient
 
+from results import write_block
 from ttt.config import resolve
 from ttt.distributed.launcher import launch
 from ttt.tracking.logger import quiet_mlflow
 from ttt.train.trainer import Trainer
-
-BEGIN, END = "<!-- workers:begin -->", "<!-- workers:end -->"
 
 
 def run(label: str, overrides: list[str], root: str, steps: int) -> dict:
@@ -77,16 +76,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:
-        with open(args.write) as fh:
-            text = fh.read()
-        block = f"{BEGIN}\n{table}{END}\n"
-        if BEGIN in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + block + rest.split(END, 1)[1].lstrip("\n")
-        else:
-            text += "\n## Workers (`benchmarks/workers.py`)\n\n" + block
-        with open(args.write, "w") as fh:
-            fh.write(text)
+        write_block(args.write, "workers", table, "Workers (`benchmarks/workers.py`)")
 
 
 if __name__ == "__main__":
