@@ -11,6 +11,7 @@ import pytest
 from tests.integration.services import BIN, ROOT, free_port, stop, wait_for
 from ttt.data.corpus import prepare
 from ttt.data.tokenizer import ByteTokenizer
+from ttt.distributed.launcher import local_only_ray
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,3 +72,16 @@ def text_dataset(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("data") / "code"
     prepare([str(ROOT / "platform" / "ttt")], str(out), ByteTokenizer(), val_every=5)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One private Ray cluster for every test that needs one (starting one costs most of a minute here)."""
+    local_only_ray()  # loopback only: before Ray is imported
+    import ray
+
+    # Workers inherit the environment of ray.init: the S3 endpoint variables must already be set.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()

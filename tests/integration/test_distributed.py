@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from tests.integration.services import ROOT, TINY
 from ttt.config import resolve
 from ttt.data.corpus import prepare
 from ttt.data.tokenizer import ByteTokenizer
-from ttt.distributed.launcher import launch, local_only_ray
+from ttt.distributed.launcher import launch
 from ttt.errors import UserError
 from ttt.storage import open_storage
 from ttt.train.checkpoint import Checkpointer, load_checkpoint
@@ -27,18 +26,6 @@ STEPS = [
     "train.eval_batch_size=2",
     "train.checkpoint_every=1",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    local_only_ray()  # loopback only: before Ray is imported
-    import ray
-
-    # Workers inherit the environment of ray.init: the S3 endpoint variables must already be set.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from mlflow.tracking import MlflowClient
 
 from tests.integration.services import TINY
 from ttt.config import resolve
-from ttt.distributed.launcher import local_only_ray
 from ttt.sweep.local import run_sweep
 from ttt.sweep.spec import from_dict
 
@@ -30,17 +29,6 @@ GRID = [
     {"name": "ttt.mini_batch_size", "values": [8, 16]},
 ]
 METRIC = "val/loss_past_window"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    local_only_ray()  # loopback only: before Ray is imported
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 def base_config(text_dataset: str, experiment: str, *extra: str):
