@@ -17,7 +17,6 @@ from kubernetes.client.exceptions import ApiException
 
 from ttt.config import ConfigError
 from ttt.storage import open_storage
-from ttt.sweep.spec import from_resource
 from ttt.train.report import read_progress
 from ttt_operator import builders, sweep_tracking, sweeps
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION, SpecError
@@ -118,9 +117,8 @@ def reconcile_sweep(namespace: str, name: str) -> None:
 def _open_parent(sweep: dict[str, Any], uri: str) -> str | None:
     """The sweep's MLflow parent run; trouble with MLflow must not hold the trials back."""
     try:
-        spec, template = from_resource(sweep)
-        expansion = sweeps.trials_of(sweep)
-        experiment = (template.get("mlflow") or {}).get("experiment", "ttt-e2e")
+        spec, expansion = sweeps.trials_of(sweep)
+        experiment = (sweep["spec"]["template"].get("mlflow") or {}).get("experiment", "ttt-e2e")
         return sweep_tracking.open_parent(uri, experiment, spec, expansion, sweep["metadata"]["name"])
     except (ConfigError, SpecError):
         return None  # plan_sweep reports the invalid spec
@@ -131,8 +129,7 @@ def _open_parent(sweep: dict[str, Any], uri: str) -> str | None:
 
 def _close_parent(sweep: dict, uri: str, parent: str, children: dict, best: dict | None) -> bool:
     try:
-        spec, _ = from_resource(sweep)
-        expansion = sweeps.trials_of(sweep)
+        spec, expansion = sweeps.trials_of(sweep)
         best_index = best["index"] if best else None
         sweep_tracking.close_parent(uri, parent, spec, expansion, children, best_index)
     except Exception as exc:

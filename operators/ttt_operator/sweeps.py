@@ -12,7 +12,7 @@ from typing import Any
 
 from ttt.config import ConfigError
 from ttt.jobspec import KNOBS, SpecError, job_config
-from ttt.sweep.spec import Expansion, Trial, expand, from_resource, resource_field
+from ttt.sweep.spec import Expansion, SweepSpec, Trial, expand, from_resource, resource_field
 from ttt_operator.builders import GROUP, KIND, VERSION, by_index
 from ttt_operator.status import FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, set_condition
 
@@ -31,15 +31,15 @@ class SweepPlan:
     events: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-def trials_of(sweep: dict[str, Any]) -> Expansion:
-    """The sweep's trials; a ConfigError/SpecError names the field in the TTTSweep."""
+def trials_of(sweep: dict[str, Any]) -> tuple[SweepSpec, Expansion]:
+    """The sweep's spec and trials; a ConfigError/SpecError names the field in the TTTSweep."""
     spec, template = from_resource(sweep)
     try:
         base = job_config(template)
     except SpecError as exc:
         raise SpecError(exc.field.replace("spec.", "spec.template.", 1), exc.message) from None
     try:
-        return expand(spec, base)
+        return spec, expand(spec, base)
     except ConfigError as exc:
         raise ConfigError(resource_field(exc.field), exc.message) from None
 
@@ -102,13 +102,11 @@ def plan_sweep(
     generation = sweep["metadata"].get("generation")
     out = SweepPlan()
     try:
-        expansion = trials_of(sweep)
+        spec, expansion = trials_of(sweep)
     except (ConfigError, SpecError) as exc:
         return _invalid(sweep, out, str(exc), now)
-    spec = sweep["spec"]
-    metric = (spec.get("objective") or {}).get("metric", "val/loss")
-    maximize = (spec.get("objective") or {}).get("goal") == "maximize"
-    parallelism = int(spec.get("parallelism", 1))
+    metric, maximize = spec.objective.metric, spec.objective.goal == "maximize"
+    parallelism = spec.parallelism
 
     phase_of = {i: (job.get("status") or {}).get("phase", PENDING) for i, job in children.items()}
     unfinished = sum(phase not in TERMINAL for phase in phase_of.values())
