@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import re
 
@@ -23,7 +24,14 @@ from ttt.eval.niah import (
     ttt_block,
 )
 from ttt.eval.plots import niah_heatmap
-from ttt.eval.position import NiahSettings, checkpoint_label, parse_suite
+from ttt.eval.position import (
+    NiahSettings,
+    SuiteResult,
+    checkpoint_label,
+    parse_suite,
+    suite_metrics,
+    write_suite,
+)
 from ttt.model.ttt import MetaLearner
 from ttt.sweep.plots import figure_texts
 
@@ -48,6 +56,19 @@ def reader(knows: bool):
         return out
 
     return loglik
+
+
+def writer(knows: bool):
+    """A fake greedy decoder: the oracle writes out the needle's value (the prompt's only number), the
+    adversary the same number of tokens of something else."""
+
+    def generate(prompt: list[int], count: int) -> list[int]:
+        if not knows:
+            return TOK.encode("x" * count)
+        (value,) = numbers_in(torch.tensor(prompt))  # the answer is not in the prompt, only the needle
+        return TOK.encode(f" {value}")[:count]
+
+    return generate
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -109,6 +130,59 @@ def test_exact_match_with_a_generate_function():
     assert hit.exact_match is True and miss.exact_match is False
 
 
+def test_greedy_scoring_oracle_and_adversary():
+    kwargs = dict(lengths=[128, 160], depths=[0, 1], trials=2, tasks=["passkey", "number"])
+    good = run_niah(None, TOK, generate=writer(knows=True), **kwargs)
+    assert good.scoring == ("greedy",) and good.mean("greedy") == 1.0
+    assert all(c.exact_match == 1.0 and c.accuracy is None and c.mean_margin is None for c in good.cells)
+    report = good.to_dict()
+    assert report["scoring"] == ["greedy"] and report["exact_match"] == 1.0 and report["accuracy"] is None
+    bad = run_niah(None, TOK, generate=writer(knows=False), **kwargs)
+    assert bad.mean("greedy") == 0.0 and all(c.exact_match == 0.0 for c in bad.cells)
+    # Both methods at once are independent: the ranking can be right while the decoding is wrong.
+    both = run_niah(reader(knows=True), TOK, generate=writer(knows=False), **kwargs)
+    assert both.scoring == ("likelihood", "greedy") and both.accuracy == 1.0 and both.mean("greedy") == 0.0
+    likelihood = run_niah(reader(knows=True), TOK, **kwargs)
+    assert likelihood.scoring == ("likelihood",) and likelihood.to_dict()["exact_match"] is None
+    with pytest.raises(ValueError, match="loglik, generate or both"):
+        run_niah(None, TOK, **kwargs)
+
+
+def test_suite_files_and_metrics_per_scoring_method(tmp_path):
+    kwargs = dict(lengths=[128], depths=[0, 1], trials=2, tasks=["passkey"])
+    niah = {
+        "e2e": run_niah(reader(knows=True), TOK, generate=writer(knows=True), **kwargs),
+        "fa": run_niah(reader(knows=False), TOK, generate=writer(knows=False), **kwargs),
+    }
+    report = {"checkpoint": "e2e", "step": 6, "seq_len": 128, "suite": ["niah"]}
+    result = SuiteResult("e2e", ("niah",), report, {}, 16, niah, 6, ["fa"])
+    files = write_suite(result, tmp_path)
+    assert {"heatmap", "heatmap_greedy", "csv", "report"} <= set(files)
+    for name in ("niah_heatmap.png", "niah_heatmap_greedy.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(files["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "task", "length", "depth", "accuracy", "trials", "scoring"]
+    assert len(rows) == 2 * 2 * 2  # models × scoring methods × cells
+    for model, expected in (("e2e", 1.0), ("fa", 0.0)):
+        for scoring in ("likelihood", "greedy"):
+            mine = [r for r in rows if r["model"] == model and r["scoring"] == scoring]
+            assert len(mine) == 2 and all(float(r["accuracy"]) == expected for r in mine)
+    metrics = suite_metrics(result)
+    assert metrics["niah/accuracy"] == 1.0 and metrics["niah/greedy/accuracy"] == 1.0
+    assert metrics["niah/greedy/passkey/L128/depth1"] == 1.0 and metrics["niah/passkey/L128/depth1"] == 1.0
+    assert metrics["baseline/fa/niah/greedy/accuracy"] == 0.0 and metrics["baseline/fa/niah/accuracy"] == 0.0
+    # Greedy only: no likelihood files or metrics, nothing None.
+    greedy = {k: run_niah(None, TOK, generate=writer(True), **kwargs) for k in ("e2e", "fa")}
+    only = SuiteResult("e2e", ("niah",), dict(report), {}, 16, greedy, 6, ["fa"])
+    files = write_suite(only, tmp_path / "greedy")
+    assert "heatmap_greedy" in files and "heatmap" not in files
+    assert not (tmp_path / "greedy" / "niah_heatmap.png").exists()
+    metrics = suite_metrics(only)
+    assert "niah/accuracy" not in metrics and None not in metrics.values()
+    assert metrics["baseline/fa/niah/greedy/accuracy"] == 1.0
+
+
 def test_accuracy_per_cell_and_lengths_are_multiples_of_b():
     seen: set[int] = set()
 
@@ -153,6 +227,10 @@ def test_other_bad_settings():
         NiahSettings(trials=0).check()
     with pytest.raises(UserError, match="length 0"):
         NiahSettings(lengths=(0,)).check()
+    with pytest.raises(UserError, match="--niah-scoring: 'beam' is not 'likelihood', 'greedy' or 'both'"):
+        NiahSettings(scoring="beam").check()
+    assert NiahSettings(scoring="both").methods == ("likelihood", "greedy")
+    assert NiahSettings().methods == ("likelihood",)
     with pytest.raises(UserError, match="unknown part 'los'"):
         parse_suite("los,niah")
     assert parse_suite("loss, niah,loss") == ("loss", "niah")
@@ -187,3 +265,10 @@ def test_heatmap_is_annotated_and_labelled():
     assert texts.count("1.00\n(n=2)") == 8
     assert "context length (tokens)" in texts and any(t.startswith("needle depth") for t in texts)
     assert "e2e: passkey" in texts and "fa: passkey" in texts and "S-NIAH" in texts
+    assert "accuracy (chance 0.20)" in texts
+    # Greedy: its own values and label; cells not scored that way are left blank.
+    both = run_niah(reader(True), TOK, generate=writer(False), lengths=[128], depths=[0], trials=2)
+    texts = figure_texts(niah_heatmap({"e2e": both}, "S-NIAH greedy", "greedy"))
+    assert "0.00\n(n=2)" in texts and "exact match of greedy decoding" in texts
+    blank = figure_texts(niah_heatmap({"e2e": result}, "S-NIAH greedy", "greedy"))
+    assert not any(t.endswith("(n=2)") for t in blank)

@@ -13,7 +13,9 @@ Scoring is by teacher-forced likelihood, which works for models far too small to
 greedily: the true answer and K distractors of the same token length are appended in turn, and a trial is
 correct when the true answer has a strictly higher log-likelihood than every distractor (a tie is a miss,
 so a model that ignores the context scores 0, not 1). Chance is 1 / (K + 1). Candidates share everything
-before the answer, so only the model's use of the needle can separate them.
+before the answer, so only the model's use of the needle can separate them. Optionally (or instead) a trial
+is scored by greedy exact match: the model decodes as many tokens as the answer has after the prompt, and
+the trial is correct when they are the answer's tokens.
 
 Everything here works on token ids through a `Tokenizer` and a log-likelihood function, so it serves any
 model; `learner_loglik` adapts a TTT-E2E `MetaLearner`, run as `ttt.eval.position` runs it (the inner loop
@@ -75,6 +77,10 @@ LogLikelihood = Callable[[torch.Tensor], torch.Tensor]
 
 Generate = Callable[[list[int], int], list[int]]
 """(prompt ids, count) → `count` greedily decoded ids (optional exact-match scoring)."""
+
+SCORE_KEYS = {"likelihood": "accuracy", "greedy": "exact_match"}
+"""Each scoring method and the `Cell` field (and report key) that holds its accuracy."""
+SCORINGS = tuple(SCORE_KEYS)
 
 
 def passage_filler(tokenizer: Tokenizer, passage: str = PASSAGE) -> Filler:
@@ -205,19 +211,26 @@ def _distractors(
 
 @dataclass(frozen=True)
 class TrialScore:
-    correct: bool
-    margin: float
+    correct: bool | None
+    """None (as margin and rank) when the trial was scored by greedy decoding only."""
+    margin: float | None
     """Log-likelihood of the true answer minus that of the best distractor (> 0: correct)."""
-    rank: int
+    rank: int | None
     """Candidates scoring at least as high as the true answer (0: correct)."""
     exact_match: bool | None = None
 
 
 def score_trials(
-    trials: Sequence[Trial], loglik: LogLikelihood, batch_size: int = 8, generate: Generate | None = None
+    trials: Sequence[Trial],
+    loglik: LogLikelihood | None,
+    batch_size: int = 8,
+    generate: Generate | None = None,
 ) -> list[TrialScore]:
-    """Rank each trial's answer among its distractors by summed log-likelihood of the answer tokens."""
-    sequences = [(i, seq) for i, trial in enumerate(trials) for seq in trial.candidates()]
+    """Rank each trial's answer among its distractors by summed log-likelihood of the answer tokens, and
+    with `generate` also decode the answer greedily; without `loglik` the ranking is skipped."""
+    # Greedy-only skips the ranking: its K + 1 full-length passes cost more than one decode.
+    candidates = (lambda trial: trial.candidates()) if loglik is not None else (lambda trial: [])
+    sequences = [(i, seq) for i, trial in enumerate(trials) for seq in candidates(trial)]
     totals: list[list[float]] = [[] for _ in trials]
     # Group by length so that each batch is one tensor (a cell's trials all have the same length).
     by_length: dict[int, list[tuple[int, list[int]]]] = {}
@@ -226,15 +239,19 @@ def score_trials(
     for group in by_length.values():
         for k in range(0, len(group), batch_size):
             part = group[k : k + batch_size]
+            assert loglik is not None
             scores = loglik(torch.tensor([seq for _, seq in part], dtype=torch.long)).double().cpu()
             for (i, _), row in zip(part, scores, strict=True):
                 totals[i].append(float(row[-len(trials[i].answer) :].sum()))
     out = []
     for trial, values in zip(trials, totals, strict=True):
-        true, others = values[0], values[1:]
         match = None
         if generate is not None:
             match = generate(trial.prefix, len(trial.answer)) == trial.answer
+        if not values:
+            out.append(TrialScore(correct=None, margin=None, rank=None, exact_match=match))
+            continue
+        true, others = values[0], values[1:]
         out.append(
             TrialScore(
                 correct=all(true > o for o in others),
@@ -251,10 +268,15 @@ class Cell:
     task: str
     length: int
     depth: float
-    accuracy: float
+    accuracy: float | None
+    """Likelihood ranking's accuracy; None when the cell was not scored that way (so `mean_margin`)."""
     trials: int
-    mean_margin: float
+    mean_margin: float | None
     exact_match: float | None = None
+    """Greedy decoding's accuracy; None when the cell was not scored that way."""
+
+    def score(self, scoring: str) -> float | None:
+        return getattr(self, SCORE_KEYS[scoring])
 
 
 @dataclass
@@ -262,18 +284,28 @@ class NiahResult:
     cells: list[Cell]
     distractors: int
     haystack: str
+    scoring: tuple[str, ...] = ("likelihood",)
+    """The methods the cells were scored by, in `SCORINGS` order."""
 
     @property
     def chance(self) -> float:
+        """Of the likelihood ranking; guessing a greedy answer's digits has practically no chance."""
         return 1.0 / (self.distractors + 1)
 
+    def mean(self, scoring: str) -> float | None:
+        values = [c.score(scoring) for c in self.cells]
+        return None if None in values else sum(v for v in values if v is not None) / len(values)
+
     @property
-    def accuracy(self) -> float:
-        return sum(c.accuracy for c in self.cells) / len(self.cells)
+    def accuracy(self) -> float | None:
+        return self.mean("likelihood")
 
     def to_dict(self) -> dict:
+        """Accuracies, overall and per cell, under `SCORE_KEYS`: None for a method that was not run."""
         return {
+            "scoring": list(self.scoring),
             "accuracy": self.accuracy,
+            "exact_match": self.mean("greedy"),
             "chance": self.chance,
             "distractors": self.distractors,
             "haystack": self.haystack,
@@ -282,7 +314,7 @@ class NiahResult:
 
 
 def run_niah(
-    loglik: LogLikelihood,
+    loglik: LogLikelihood | None,
     tokenizer: Tokenizer,
     *,
     lengths: Sequence[int],
@@ -297,8 +329,11 @@ def run_niah(
     batch_size: int = 8,
     generate: Generate | None = None,
 ) -> NiahResult:
-    """Accuracy per (task, length, depth) cell over `trials` seeded trials. Lengths are rounded up to
-    multiples of `block`; every trial is built (and every bad value reported) before the model runs."""
+    """Accuracy per (task, length, depth) cell over `trials` seeded trials, by likelihood ranking (`loglik`)
+    and/or greedy exact match (`generate`). Lengths are rounded up to multiples of `block`; every trial is
+    built (and every bad value reported) before the model runs."""
+    if loglik is None and generate is None:
+        raise ValueError("give loglik, generate or both")
     if not (lengths and depths and tasks):
         raise UserError("S-NIAH needs at least one context length, one depth and one task")
     if trials < 1:
@@ -332,19 +367,24 @@ def run_niah(
     flat = score_trials([t for cell in plan.values() for t in cell], loglik, batch_size, generate)
     cells = []
     for (name, length, depth), scores in zip(plan, _split(flat, trials), strict=True):
-        matches = [s.exact_match for s in scores if s.exact_match is not None]
         cells.append(
             Cell(
                 task=name,
                 length=length,
                 depth=float(depth),
-                accuracy=sum(s.correct for s in scores) / len(scores),
+                accuracy=_mean([s.correct for s in scores]),
                 trials=len(scores),
-                mean_margin=sum(s.margin for s in scores) / len(scores),
-                exact_match=sum(matches) / len(matches) if matches else None,
+                mean_margin=_mean([s.margin for s in scores]),
+                exact_match=_mean([s.exact_match for s in scores]),
             )
         )
-    return NiahResult(cells, distractors, haystack)
+    scoring = tuple(s for s, fn in zip(SCORINGS, (loglik, generate), strict=True) if fn is not None)
+    return NiahResult(cells, distractors, haystack, scoring)
+
+
+def _mean(values: Sequence[float | bool | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _split(items: list[TrialScore], size: int) -> list[list[TrialScore]]:

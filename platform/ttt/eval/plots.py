@@ -16,9 +16,10 @@ from matplotlib.figure import Figure
 from ttt.eval.niah import NiahResult
 
 
-def niah_heatmap(results: Mapping[str, NiahResult], title: str) -> Figure:
+def niah_heatmap(results: Mapping[str, NiahResult], title: str, scoring: str = "likelihood") -> Figure:
     """Rows of panels: one per model (`results` key); columns: one per task. Cells hold the accuracy over
-    their trials, on a fixed 0..1 colour scale so that panels compare by colour."""
+    their trials by `scoring` ('likelihood' or 'greedy'), on a fixed 0..1 colour scale so that panels
+    compare by colour; a cell not scored that way is left grey."""
     panels = [
         (model, task, [c for c in result.cells if c.task == task])
         for model, result in results.items()
@@ -47,7 +48,8 @@ def niah_heatmap(results: Mapping[str, NiahResult], title: str) -> Figure:
         grid = np.full((len(lengths), len(depths)), np.nan)
         trials = np.zeros_like(grid)
         for cell in cells:
-            grid[lengths.index(cell.length), depths.index(cell.depth)] = cell.accuracy
+            value = cell.score(scoring)
+            grid[lengths.index(cell.length), depths.index(cell.depth)] = np.nan if value is None else value
             trials[lengths.index(cell.length), depths.index(cell.depth)] = cell.trials
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=colors, vmin=0.0, vmax=1.0, aspect="auto")
         for (i, j), value in np.ndenumerate(grid):
@@ -68,9 +70,12 @@ def niah_heatmap(results: Mapping[str, NiahResult], title: str) -> Figure:
         ax.set_ylabel("context length (tokens)")
         ax.set_title(f"{model}: {task}", fontsize=9)
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist()).set_label(
+        label = (
             f"accuracy (chance {next(iter(results.values())).chance:.2f})"
+            if scoring == "likelihood"
+            else "exact match of greedy decoding"
         )
+        fig.colorbar(image, ax=axes.ravel().tolist()).set_label(label)
     fig.suptitle(title, fontsize=10)
     return fig
 

@@ -28,7 +28,7 @@ from ttt.config import JobConfig, TTTConfig
 from ttt.data.loader import split_tokens
 from ttt.data.tokenizer import Tokenizer
 from ttt.errors import UserError
-from ttt.eval.niah import NiahResult
+from ttt.eval.niah import Generate, NiahResult
 
 if TYPE_CHECKING:
     from ttt.tracking.logger import Tracker
@@ -224,6 +224,13 @@ class NiahSettings:
     haystack: str = "passage"
     """'passage' (a fixed repeated passage) or 'data' (text from the validation split)."""
     seed: int = 0
+    scoring: str = "likelihood"
+    """'likelihood' (rank the answer among distractors), 'greedy' (exact match of greedy decoding), 'both'."""
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The scoring methods to run, in `ttt.eval.niah.SCORINGS` order."""
+        return ("likelihood", "greedy") if self.scoring == "both" else (self.scoring,)
 
     def check(self) -> None:
         """Bad values fail before any model runs."""
@@ -242,6 +249,8 @@ class NiahSettings:
             raise UserError(f"--niah-trials: {self.trials} is not a number of trials (at least 1)")
         if self.haystack not in ("passage", "data"):
             raise UserError(f"--niah-haystack: '{self.haystack}' is not 'passage' or 'data'")
+        if self.scoring not in ("likelihood", "greedy", "both"):
+            raise UserError(f"--niah-scoring: '{self.scoring}' is not 'likelihood', 'greedy' or 'both'")
 
 
 @dataclass
@@ -339,8 +348,8 @@ def _unique(labels: list[str]) -> list[str]:
 def run_niah_for(
     loaded: LoadedCheckpoint, settings: NiahSettings, batch_size: int = 8, block: int | None = None
 ) -> NiahResult:
-    """S-NIAH with the tokenizer the checkpoint's dataset was made with; lengths rounded up to multiples
-    of `block` (default: the model's own mini-batch size b)."""
+    """S-NIAH with the tokenizer the checkpoint's dataset was made with, scored as `settings.methods` say;
+    lengths rounded up to multiples of `block` (default: the model's own mini-batch size b)."""
     from ttt.data import open_dataset
     from ttt.eval.niah import learner_loglik, passage_filler, run_niah, stream_filler, ttt_block
 
@@ -351,8 +360,9 @@ def run_niah_for(
         filler = stream_filler(dataset.split(job.data.val_split)[:], job.model.bos_token_id)
     else:
         filler = passage_filler(tokenizer)
+    methods = settings.methods
     return run_niah(
-        learner_loglik(loaded.learner, loaded.device, loaded.autocast),
+        learner_loglik(loaded.learner, loaded.device, loaded.autocast) if "likelihood" in methods else None,
         tokenizer,
         lengths=settings.lengths,
         depths=settings.depths,
@@ -364,7 +374,25 @@ def run_niah_for(
         haystack=settings.haystack,
         seed=settings.seed,
         batch_size=batch_size,
+        generate=greedy_generate(loaded) if "greedy" in methods else None,
     )
+
+
+def greedy_generate(loaded: LoadedCheckpoint) -> Generate:
+    """Greedy decoding by streaming inference (`ttt.eval.generate`): the prompt is prefilled with the inner
+    loop's steps, then the answer's tokens are decoded one by one. It runs in the weights' dtype, without
+    the checkpoint's autocast (fp32 checkpoints decode in fp32)."""
+    from ttt.eval.generate import PromptTooShortError, generate
+
+    model, ttt = loaded.learner.model, loaded.learner.ttt
+
+    def decode(prompt: list[int], count: int) -> list[int]:
+        try:
+            return generate(model, ttt, prompt, count, greedy=True)
+        except PromptTooShortError as exc:  # a length rounded to exactly b leaves the prompt < b tokens
+            raise UserError(f"--niah-scoring greedy: {exc}; use longer --niah-lengths") from None
+
+    return decode
 
 
 def _tokenizer_of(meta: dict, job: JobConfig) -> Tokenizer:
@@ -388,7 +416,8 @@ def _tokenizer_of(meta: dict, job: JobConfig) -> Tokenizer:
 
 
 def write_suite(result: SuiteResult, output: Path) -> dict[str, Path]:
-    """report.json, and as the suite has them niah.csv, loss_by_position.png and niah_heatmap.png."""
+    """report.json, and as the suite has them niah.csv, loss_by_position.png and niah_heatmap.png (likelihood
+    scoring) / niah_heatmap_greedy.png (greedy scoring)."""
     from ttt.eval.plots import niah_heatmap, save_png
     from ttt.tracking.plots import loss_by_position_plot
 
@@ -403,12 +432,23 @@ def write_suite(result: SuiteResult, output: Path) -> dict[str, Path]:
         files["csv"] = output / "niah.csv"
         with open(files["csv"], "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["model", "task", "length", "depth", "accuracy", "trials"])
+            # `scoring` comes last so that readers of the columns before it keep working.
+            writer.writerow(["model", "task", "length", "depth", "accuracy", "trials", "scoring"])
             for model, niah in result.niah.items():
-                for c in niah.cells:
-                    writer.writerow([model, c.task, c.length, c.depth, f"{c.accuracy:.6g}", c.trials])
-        title = f"{result.label} (step {result.step}): single-needle retrieval (S-NIAH)"
-        files["heatmap"] = save_png(niah_heatmap(result.niah, title), output / "niah_heatmap.png")
+                for scoring in niah.scoring:
+                    for c in niah.cells:
+                        value = c.score(scoring)
+                        assert value is not None
+                        writer.writerow([model, c.task, c.length, c.depth, f"{value:.6g}", c.trials, scoring])
+        for scoring in _niah_scoring(result):
+            # The likelihood heatmap keeps its name; other methods get their own file.
+            key, name, how = (
+                ("heatmap", "niah_heatmap.png", "")
+                if scoring == "likelihood"
+                else (f"heatmap_{scoring}", f"niah_heatmap_{scoring}.png", f", {scoring} exact match")
+            )
+            title = f"{result.label} (step {result.step}): single-needle retrieval (S-NIAH{how})"
+            files[key] = save_png(niah_heatmap(result.niah, title, scoring), output / name)
     result.report["files"] = {k: str(v) for k, v in files.items()} | {"report": str(output / "report.json")}
     files["report"] = output / "report.json"
     files["report"].write_text(json.dumps(result.report, indent=2) + "\n")
@@ -427,11 +467,19 @@ def suite_metrics(result: SuiteResult) -> dict[str, float]:
             if baseline.get(key) is not None:
                 metrics[f"baseline/{_metric_name(name)}/{key}"] = baseline[key]
     for index, (name, niah) in enumerate(result.niah.items()):
-        prefix = "niah" if index == 0 else f"baseline/{_metric_name(name)}/niah"
-        metrics[f"{prefix}/accuracy"] = niah.accuracy
-        for c in niah.cells:
-            metrics[f"{prefix}/{c.task}/L{c.length}/depth{c.depth:g}"] = c.accuracy
+        for scoring in niah.scoring:
+            # Likelihood keeps the plain names (niah/accuracy); greedy adds a level: niah/greedy/accuracy.
+            prefix = "niah" if index == 0 else f"baseline/{_metric_name(name)}/niah"
+            prefix += "" if scoring == "likelihood" else f"/{scoring}"
+            metrics[f"{prefix}/accuracy"] = niah.mean(scoring)
+            for c in niah.cells:
+                metrics[f"{prefix}/{c.task}/L{c.length}/depth{c.depth:g}"] = c.score(scoring)
     return metrics
+
+
+def _niah_scoring(result: SuiteResult) -> tuple[str, ...]:
+    """The scoring methods of the suite's S-NIAH (every model is scored the same way)."""
+    return next(iter(result.niah.values())).scoring if result.niah else ()
 
 
 def _metric_name(name: str) -> str:
@@ -454,6 +502,8 @@ def log_suite(result: SuiteResult, files: dict[str, Path], tracking_uri: str) ->
         "suite": ",".join(result.suite),
         "baselines": ",".join(result.baselines) or "-",
     }
+    if result.niah:
+        params["niah_scoring"] = ",".join(_niah_scoring(result))
     # MLflow prints "View run …" links on stdout, which holds the JSON report: send them to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         return _log_run(tracker, result, files, params)
