@@ -122,6 +122,48 @@ def load_into(model: Transformer, tree: Mapping[str, Any]) -> None:
     model.load_state_dict(to_state_dict(tree, model.config), strict=True)
 
 
+def official_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Official dotted name → shape, for every tensor of a model of `cfg` (spec §8's table), from the config
+    alone: building even a meta-device model costs seconds, and checking a checkpoint should not."""
+    d, i, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_block = {  # per block, official layout (linears [in, out]); anything else is [D, D] or [D]
+        "seq_modeling_block.q_norm.weight": (h,),
+        "seq_modeling_block.k_norm.weight": (h,),
+        **{
+            f"{mlp}.{w}.weight": (d, i)
+            for mlp in ("feed_forward", "feed_forward_prime")
+            for w in ("w1", "w3")
+        },
+        **{f"{mlp}.w2.weight": (i, d) for mlp in ("feed_forward", "feed_forward_prime")},
+    }
+    shapes = {ROOT + "wte.weight": (cfg.vocab_size, d), ROOT + "ln_f.weight": (d,)}
+    for theirs, names, linear in _stacked(cfg):
+        leaf = theirs.removeprefix(ROOT + "h.").split(".", 1)[1]
+        shapes[theirs] = (len(names), *per_block.get(leaf, (d, d) if linear else (d,)))
+    return shapes
+
+
+def infer_architecture(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The ModelConfig sizes that an official tree's shapes (official dotted names) imply, those it shows."""
+
+    def dim(name: str, axis: int) -> int | None:
+        shape = shapes.get(ROOT + name)
+        return int(shape[axis]) if shape is not None and len(shape) > axis else None
+
+    found = {
+        "num_layers": dim("h.blocks.seq_norm.weight", 0),
+        # A full-attention baseline stores no prime_storage at all.
+        "suffix_len": dim("h.prime_storage.ffn_prime_norm.weight", 0) or 0,
+        "vocab_size": dim("wte.weight", 0),
+        "hidden_size": dim("wte.weight", 1),
+        "intermediate_size": dim("h.blocks.feed_forward.w1.weight", 2),
+    }
+    head_dim = dim("h.blocks.seq_modeling_block.q_norm.weight", 1)
+    if head_dim and found["hidden_size"]:
+        found["num_heads"] = found["hidden_size"] // head_dim  # QK-norm gains are per head dimension
+    return {key: value for key, value in found.items() if value is not None}
+
+
 def _tensor(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 

@@ -80,9 +80,7 @@ class Checkpointer:
     # -- single process ----------------------------------------------------------------------------
 
     def save(self, payload: dict, step: int) -> str:
-        buffer = io.BytesIO()
-        torch.save({"format": FORMAT, **payload}, buffer)
-        self.storage.write_bytes(checkpoint_name(step), buffer.getvalue())
+        self.storage.write_bytes(checkpoint_name(step), encode(payload))
         self._prune()
         return self.describe(Found(step, sharded=False))
 
@@ -141,6 +139,13 @@ class Checkpointer:
                 self.storage.delete(f"{FOLDER}/{tag(old)}.complete")  # unmark first, then remove the files
                 for name in self.storage.list(f"{FOLDER}/{tag(old)}"):
                     self.storage.delete(f"{FOLDER}/{tag(old)}/{name}")
+
+
+def encode(payload: dict) -> bytes:
+    """The bytes of a checkpoint file: `payload` (at least model, config, state) and the format version."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    return buffer.getvalue()
 
 
 def _decode(data: bytes, where: str) -> dict:
