@@ -3,6 +3,7 @@ integration and Kubernetes tests)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,13 @@ from tests.integration.services import BIN, free_port, stop, wait_for
 from ttt.config import JobConfig
 from ttt.model import official
 from ttt.model.transformer import Transformer
+
+
+def pytest_configure(config):
+    # Without a GPU the Triton kernels run in Triton's interpreter. The variable is read when the kernel
+    # module is imported, which happens on first use, after this hook.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

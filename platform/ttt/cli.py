@@ -72,12 +72,21 @@ def _kind(job: cfgmod.JobConfig) -> str:
 def _cmd_parity(args: argparse.Namespace) -> int:
     from ttt.parity import run_parity
 
-    report = run_parity(args.file)
+    report = run_parity(args.file, device=args.device, overrides=args.set)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
     return 0 if report["ok"] else 1
+
+
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    from ttt.model.orbax_import import import_official
+
+    job = cfgmod.resolve(args.config, args.set)
+    where, loaded = import_official(args.orbax_dir, job, args.output, args.step)
+    print(json.dumps({"checkpoint": where, "step": loaded.step, "source": str(loaded.source)}, indent=2))
+    return 0
 
 
 def default_run_name(source: str) -> str:
@@ -136,6 +145,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tasks=tuple(t.strip() for t in args.niah_tasks.split(",") if t.strip()),
         distractors=args.niah_distractors,
         haystack=args.niah_haystack,
+        scoring=args.niah_scoring,
     )
     result = evaluate_suite(
         args.checkpoint,
@@ -289,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["passage", "data"],
         help="filler: a fixed repeated passage (default) or text from the validation split",
     )
+    # Checked by NiahSettings, not argparse choices: a bad value is then a one-line error like the others.
+    p.add_argument(
+        "--niah-scoring",
+        default="likelihood",
+        metavar="{likelihood,greedy,both}",
+        help="S-NIAH scoring: rank the answer among distractors by likelihood (default), exact match of "
+        "greedy decoding, or both",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -341,7 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="compare with a reference dump of the official implementation")
     p.add_argument("file", help="reference .npz in the golden-file format")
     p.add_argument("--output", help="also write the JSON report here")
+    p.add_argument("--device", default="cpu", help="device to compute on, e.g. cuda (default cpu; fp32)")
+    overrides(p)  # e.g. --set model.chunk_kernel=triton checks the fused kernels against the reference
     p.set_defaults(func=_cmd_parity)
+
+    p = sub.add_parser(
+        "import-official", help="convert a checkpoint of the official JAX code (Orbax) into a ttt checkpoint"
+    )
+    p.add_argument("orbax_dir", help="Orbax checkpoint root (newest step), a step folder, or model_weights/")
+    p.add_argument("output", help="checkpoint file to write (.pt) or a new run directory, local or s3://")
+    p.add_argument("--step", type=int, help="step folder to take from a checkpoint root (default: newest)")
+    p.add_argument(
+        "--config",
+        "--preset",
+        dest="config",
+        required=True,
+        help="the checkpoint's architecture: recipe, preset (see `ttt presets`) or path to a YAML config",
+    )
+    overrides(p)
+    p.set_defaults(func=_cmd_import_official)
     return parser
 
 

@@ -63,6 +63,19 @@ class ModelConfig:
     bos_token_id: int = Field(
         128000, ge=0, description="BOS id; targets equal to it are left out of the loss."
     )
+    # Kernels compute the same function; they are chosen per machine, not per architecture.
+    prefix_kernel: Literal["auto", "sdpa", "flex", "flash"] = Field(
+        "auto",
+        description="Full-sequence attention (prefix blocks, no-TTT models): 'sdpa' (PyTorch fused SDPA), "
+        "'flex' (flex attention with a sliding-window block mask, compiled on CUDA), 'flash' (flash-attn, "
+        "CUDA and bf16/fp16 only); 'auto': flash-attn if installed, else flex, on CUDA; sdpa elsewhere.",
+    )
+    chunk_kernel: Literal["auto", "materialized", "triton"] = Field(
+        "auto",
+        description="Suffix chunk attention (differentiated twice): 'materialized' (explicit softmax in "
+        "PyTorch ops), 'triton' (fused forward, backward and double backward; CUDA, or CPU with "
+        "TRITON_INTERPRET=1); 'auto': triton on CUDA when installed, else materialized.",
+    )
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -10,7 +10,7 @@ worst over tensors), so that near-zero entries do not dominate.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +34,21 @@ def _trajectory(name: str) -> Callable[[SequenceLoss], np.ndarray]:
     def read(out: SequenceLoss) -> np.ndarray:
         # [chunks, S, in, out] for sequence 0, like the reference (official linears are [in, out])
         return np.stack(
-            [np.stack([blocks[index][0].T.numpy() for blocks in step]) for step in out.trajectory]
+            [np.stack([blocks[index][0].T.cpu().numpy() for blocks in step]) for step in out.trajectory]
         )
 
     return read
 
 
 _ABS_CHECKS: dict[str, tuple[str, Callable[[SequenceLoss], np.ndarray]]] = {
-    "nottt/loss_per_chunk": ("nottt", lambda o: o.chunk_losses.detach().numpy()),
-    "nottt/token_nll": ("nottt", lambda o: o.token_nll.numpy()),
-    "meta/loss_batch_mean": ("meta", lambda o: o.loss.detach().numpy()),
-    "meta/loss_per_seq": ("meta", lambda o: o.chunk_losses.detach().mean(1).numpy()),
-    "meta/loss_per_chunk": ("meta", lambda o: o.chunk_losses.detach().numpy()),
-    "meta/token_nll": ("meta", lambda o: o.token_nll.numpy()),
-    "trace_seq0/chunk_loss": ("meta", lambda o: o.chunk_losses.detach()[0].numpy()),
-    "trace_seq0/inner_grad_norm_preclip": ("meta", lambda o: o.inner_grad_norms[0].numpy()),
+    "nottt/loss_per_chunk": ("nottt", lambda o: _np(o.chunk_losses)),
+    "nottt/token_nll": ("nottt", lambda o: _np(o.token_nll)),
+    "meta/loss_batch_mean": ("meta", lambda o: _np(o.loss)),
+    "meta/loss_per_seq": ("meta", lambda o: _np(o.chunk_losses.mean(1))),
+    "meta/loss_per_chunk": ("meta", lambda o: _np(o.chunk_losses)),
+    "meta/token_nll": ("meta", lambda o: _np(o.token_nll)),
+    "trace_seq0/chunk_loss": ("meta", lambda o: _np(o.chunk_losses[0])),
+    "trace_seq0/inner_grad_norm_preclip": ("meta", lambda o: _np(o.inner_grad_norms[0])),
     **{f"trace_seq0/prime_{w}_after_chunk": ("meta", _trajectory(w)) for w in _PRIME_ORDER},
 }
 
@@ -86,8 +86,14 @@ def _grad_check(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict
     }
 
 
-def run_parity(path: str | Path) -> dict[str, Any]:
-    """Compare this implementation with a reference dump; `report["ok"]` says whether all checks pass."""
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def run_parity(path: str | Path, *, device: str = "cpu", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Compare this implementation with a reference dump; `report["ok"]` says whether all checks pass.
+    `device` and `overrides` (e.g. model.chunk_kernel=triton) check other kernels against the same
+    reference; the computation stays fp32 (no autocast)."""
     path = Path(path)
     try:
         dump = np.load(path, allow_pickle=False)
@@ -100,10 +106,12 @@ def run_parity(path: str | Path) -> dict[str, Any]:
             )
     entries = {k: dump[k] for k in dump.files}  # each access decompresses: read every entry once
     job, step = official.config_from_official(str(entries["config_json"]))
+    job = job.with_overrides(overrides)
     torch.manual_seed(0)
     model = Transformer(job.model)
     official.load_into(model, official.normalize_keys(entries, "param/"))
-    tokens = torch.from_numpy(entries["tokens"].astype(np.int64))
+    model.to(device)
+    tokens = torch.from_numpy(entries["tokens"].astype(np.int64)).to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if inputs.shape[1] != job.train.seq_len:
         raise ValueError(
@@ -117,7 +125,7 @@ def run_parity(path: str | Path) -> dict[str, Any]:
     model.zero_grad(set_to_none=True)
     meta.loss.backward()
     runs["meta"] = meta
-    grads = official.from_state_dict({n: p.grad for n, p in model.named_parameters()}, job.model)
+    grads = official.from_state_dict({n: p.grad.cpu() for n, p in model.named_parameters()}, job.model)
 
     checks: dict[str, Any] = {}
     for key, (run, read) in _ABS_CHECKS.items():
@@ -133,6 +141,8 @@ def run_parity(path: str | Path) -> dict[str, Any]:
         diagnostics["grad_rel_distance_to_first_order_reference"] = _grad_check(grads, first_order)["max_rel"]
     return {
         "file": str(path),
+        "device": device,
+        "overrides": list(overrides),
         "inner_lr": inner_lr_at(job.ttt, step),
         "checks": checks,
         "diagnostics": diagnostics,

@@ -6,11 +6,15 @@ Two code paths compute the same function (spec §2.6):
 * `Attention.forward_chunk`: one mini-batch of b queries against [cache ‖ chunk], with RoPE applied at
   positions relative to the start of the cache. The cache holds keys after k-norm and *before* RoPE, and is
   never recomputed when the fast weights change. This path is differentiated twice (the inner gradient is
-  itself differentiated), so it materialises the softmax explicitly: fused kernels have no double backward.
+  itself differentiated), and PyTorch's fused kernels have no double backward: it either materialises the
+  softmax explicitly or runs the Triton kernels of `ttt.model.chunk_attention`.
+
+Which kernel runs is config (`model.prefix_kernel`, `model.chunk_kernel`), resolved per device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttt.config import ConfigError
+from ttt.model.chunk_attention import installed, resolve_chunk_kernel, triton_chunk_attention
 from ttt.model.layers import RMSNorm, RotaryTable, apply_rope
 
 
@@ -39,12 +45,65 @@ def window_mask(num_queries: int, num_keys: int, window: int | None, device: tor
     return allowed
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Full-sequence causal attention, [B, H, T, d_h], via scaled_dot_product_attention (first order only)."""
+def resolve_prefix_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The full-sequence kernel to run: 'auto' picks flash-attn (CUDA, half precision, if installed),
+    else flex on CUDA, else SDPA; explicit choices are checked so that a bad one fails with its name."""
+    flash = device.type == "cuda" and installed("flash_attn")
+    if kernel == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        return "flash" if flash and dtype in (torch.bfloat16, torch.float16) else "flex"
+    if kernel == "flash" and not flash:
+        raise ConfigError(
+            "model.prefix_kernel", f"'flash' needs a CUDA device and the flash-attn package, on {device}"
+        )
+    if kernel == "flex" and device.type != "cuda":
+        raise ConfigError("model.prefix_kernel", f"'flex' has a backward on CUDA only, not on {device}")
+    return kernel
+
+
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, kernel: str = "sdpa"
+) -> torch.Tensor:
+    """Full-sequence causal attention, [B, H, T, d_h], through a fused kernel (first order only)."""
     num = q.shape[-2]
-    if window is None or window >= num:
+    windowed = window is not None and window < num
+    if kernel == "flash":
+        return _flash_attention(q, k, v, window if windowed else None)
+    if not windowed:  # plain causal: SDPA's flash / cuDNN kernels
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if kernel == "flex":
+        return _flex_attention()(q, k, v, block_mask=_window_block_mask(num, window, q.device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(num, num, window, q.device))
+
+
+def _flash_attention(q, k, v, window: int | None) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # optional (GPU extra); checked by resolve_prefix_kernel
+
+    # flash-attn wants [B, T, H, d]; window_size=(left, right) counts keys besides the query itself.
+    left = -1 if window is None else window - 1
+    out = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=(left, 0)
+    )
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled, flex generates a fused kernel that skips masked blocks; eager it is a slow reference.
+    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+
+
+@functools.lru_cache(maxsize=16)
+def _window_block_mask(num: int, window: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding(batch, head, q_idx, k_idx):
+        return (k_idx <= q_idx) & (q_idx - k_idx < window)
+
+    return create_block_mask(sliding, None, None, num, num, device=device)
 
 
 def materialized_attention(
@@ -59,11 +118,24 @@ def materialized_attention(
     return torch.matmul(probs.to(v.dtype), v)
 
 
+def chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, kernel: str = "materialized"
+) -> torch.Tensor:
+    """Queries [B, H, b, d_h] (the last b positions) against [B, H, n, d_h]; supports double backward."""
+    if resolve_chunk_kernel(kernel, q.device) == "triton":
+        return triton_chunk_attention(q, k, v, window)
+    return materialized_attention(q, k, v, window)
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-norm (one RMSNorm over d_h shared by the heads, before RoPE)."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float):
+    def __init__(
+        self, dim: int, num_heads: int, eps: float, prefix_kernel: str = "auto", chunk_kernel: str = "auto"
+    ):
         super().__init__()
+        self.prefix_kernel = prefix_kernel
+        self.chunk_kernel = chunk_kernel
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -91,7 +163,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RotaryTable, window: int | None) -> torch.Tensor:
         q, k, v = self._project(x)
         cos, sin = rope(x.shape[1], x.device, x.dtype)
-        return self._output(fused_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window))
+        kernel = resolve_prefix_kernel(self.prefix_kernel, x.device, q.dtype)
+        return self._output(
+            fused_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window, kernel)
+        )
 
     def forward_chunk(
         self, x: torch.Tensor, cache: KVCache | None, rope: RotaryTable, window: int | None
@@ -105,6 +180,6 @@ class Attention(nn.Module):
         # the absolute positions of the full-sequence path.
         cos, sin = rope(num_keys, x.device, x.dtype)
         q_rot = apply_rope(q, cos[num_keys - num_queries :], sin[num_keys - num_queries :])
-        out = materialized_attention(q_rot, apply_rope(k, cos, sin), v, window)
+        out = chunk_attention(q_rot, apply_rope(k, cos, sin), v, window, self.chunk_kernel)
         keep = num_keys if window is None else window
         return self._output(out), KVCache(k[:, :, -keep:], v[:, :, -keep:])

@@ -35,7 +35,7 @@ class Block(nn.Module):
         super().__init__()
         dim, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.attn_pre_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, cfg.num_heads, eps)
+        self.attn = Attention(dim, cfg.num_heads, eps, cfg.prefix_kernel, cfg.chunk_kernel)
         self.attn_post_norm = RMSNorm(dim, eps)
         self.has_prime = has_prime
         if has_prime:

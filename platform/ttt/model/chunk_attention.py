@@ -1,0 +1,178 @@
+"""Chunk attention that can be differentiated twice without materialising the probabilities.
+
+The inner loop differentiates the suffix blocks once to get the fast-weight gradient, and the outer
+backward differentiates that gradient again, so chunk attention needs a double backward. PyTorch's fused
+kernels have none (environment notes: flash, efficient, cuDNN and flex fail or detach), so there are two
+implementations, chosen by `model.chunk_kernel`:
+
+* `materialized`: explicit fp32 softmax in PyTorch ops; autograd derives every order. Works everywhere.
+* `triton`: `ChunkAttention`, an autograd.Function whose forward and backward are fused Triton kernels and
+  whose backward is itself an autograd.Function with a fused double-backward kernel
+  (`ttt.model.triton_attention`). Needs CUDA, or TRITON_INTERPRET=1 on CPU (tests).
+* `auto`: `triton` on CUDA when Triton is installed, else `materialized`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from typing import Literal
+
+import torch
+
+from ttt.config import ConfigError
+
+ChunkKernel = Literal["auto", "materialized", "triton"]
+
+
+@functools.cache
+def installed(package: str) -> bool:
+    """Whether an optional package can be imported (asked once: this runs for every attention call)."""
+    return importlib.util.find_spec(package) is not None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: CUDA with Triton, or Triton's CPU interpreter."""
+    if not installed("triton"):
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_chunk_kernel(kernel: ChunkKernel, device: torch.device) -> Literal["materialized", "triton"]:
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "materialized"
+    if kernel == "triton" and not triton_usable(device):
+        missing = not installed("triton")
+        raise ConfigError(
+            "model.chunk_kernel",
+            "'triton' needs the triton package" if missing else
+            f"'triton' runs on CUDA devices (or on CPU with TRITON_INTERPRET=1), not on {device.type}",
+        )  # fmt: skip
+    return kernel
+
+
+def _blocks(device: torch.device, kernel: str) -> tuple[int, int, int]:
+    """(rows per block, keys per block, warps). Small blocks in the interpreter keep tests quick and
+    still cover multi-block loops; the GPU sizes keep the double-backward accumulators in registers."""
+    if device.type != "cuda":
+        return 16, 16, 1
+    return (64, 64, 4) if kernel in ("forward", "backward") else (32, 32, 4)
+
+
+class _Launch:
+    """Shapes, strides and compile-time settings shared by every kernel of one attention call."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, window: int | None):
+        import triton.language as tl
+
+        from ttt.model import triton_attention as kernels
+
+        self.kernels = kernels
+        self.bh, self.m, self.d = q.shape
+        self.n = k.shape[1]
+        self.window = self.n + 1 if window is None else window
+        self.scale = 1.0 / math.sqrt(self.d)
+        self.device = q.device
+        fp64 = q.dtype == torch.float64
+        self.stat_dtype = torch.float64 if fp64 else torch.float32
+        self.consts = {
+            "HEAD_DIM": self.d,
+            "BD": max(16, 1 << (self.d - 1).bit_length()),
+            "ACC": tl.float64 if fp64 else tl.float32,
+            # Exact products for fp32/fp64 (no TF32); bf16/fp16 operands use tensor cores either way.
+            "PREC": "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        }
+
+    def run(self, fn, kernel: str, over_keys: bool, *tensors, strides: tuple[int, ...]):
+        bm, bn, warps = _blocks(self.device, kernel)
+        grid = (triton_cdiv(self.n if over_keys else self.m, bn if over_keys else bm), self.bh)
+        fn[grid](
+            *tensors, *strides, self.m, self.n, self.window, self.scale,
+            BM=bm, BN=bn, num_warps=warps, **self.consts,
+        )  # fmt: skip
+
+    def stats(self) -> torch.Tensor:
+        return torch.empty(self.bh, self.m, device=self.device, dtype=self.stat_dtype)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, *x.shape[-2:]).contiguous()
+
+
+class _AttentionBackward(torch.autograd.Function):
+    """(q, k, v, o, lse, do) → (dq, dk, dv); its own backward is the fused double backward.
+    `o` and `lse` enter as constants: the formulas account for their dependence on q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, o, lse, do, window):
+        launch = _Launch(q, k, window)
+        do = do.contiguous()
+        delta = (do.to(launch.stat_dtype) * o.to(launch.stat_dtype)).sum(-1)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+        common = (q, k, v, do, lse, delta)
+        launch.run(launch.kernels._backward_q, "backward", False, *common, dq, strides=strides)
+        launch.run(launch.kernels._backward_kv, "backward", True, *common, dk, dv, strides=strides)
+        ctx.save_for_backward(q, k, v, do, lse, delta)
+        ctx.window = window
+        return dq, dk, dv
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        if torch.is_grad_enabled():  # create_graph=True here would ask for a third derivative
+            raise RuntimeError(
+                "the fused chunk attention has no third derivative (TTT-E2E needs two); "
+                "use model.chunk_kernel=materialized for higher orders"
+            )
+        q, k, v, do, lse, delta = ctx.saved_tensors
+        launch = _Launch(q, k, ctx.window)
+        gq = torch.zeros_like(q) if gq is None else gq.contiguous()
+        gk = torch.zeros_like(k) if gk is None else gk.contiguous()
+        gv = torch.zeros_like(v) if gv is None else gv.contiguous()
+        rq, rdo, rk, rv = torch.empty_like(q), torch.empty_like(do), torch.empty_like(k), torch.empty_like(v)
+        c_sum, e_sum = launch.stats(), launch.stats()
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+        common = (q, k, v, do, lse, delta, gq, gk, gv)
+        launch.run(launch.kernels._double_q, "double", False, *common, rq, rdo, c_sum, e_sum, strides=strides)
+        launch.run(launch.kernels._double_kv, "double", True, *common, c_sum, e_sum, rk, rv, strides=strides)
+        return rq, rk, rv, None, None, rdo, None
+
+
+class ChunkAttention(torch.autograd.Function):
+    """Fused attention of queries [B·H, m, d] (the last m positions) over keys/values [B·H, n, d]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window):
+        launch = _Launch(q, k, window)
+        o, lse = torch.empty_like(q), launch.stats()
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1))
+        launch.run(launch.kernels._forward, "forward", False, q, k, v, o, lse, strides=strides)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.window = window
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        # A Function call rather than inline kernels: under create_graph this records the node whose
+        # backward is the double-backward kernel.
+        dq, dk, dv = _AttentionBackward.apply(q, k, v, o.detach(), lse, do, ctx.window)
+        return dq, dk, dv, None
+
+
+def triton_chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """[B, H, m, d] queries against [B, H, n, d] keys/values, lower-right aligned, through the kernels."""
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"{q.shape[-2]} queries but only {k.shape[-2]} keys (queries are the last keys)")
+    out = ChunkAttention.apply(_flat(q), _flat(k), _flat(v), window)
+    return out.view(q.shape)
