@@ -53,6 +53,30 @@ def _store(ptr, value, rows, row_stride, limit, cols, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _row_block(Q, DO, LSE, DELTA, bh, q_bh, rows, q_row, m_len, dims, HEAD_DIM: tl.constexpr):
+    """Queries, output gradients and the row statistics of one block of rows of head bh."""
+    q = _load(Q + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
+    do = _load(DO + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
+    lse = tl.load(LSE + bh * m_len + rows, mask=rows < m_len, other=0.0)
+    delta = tl.load(DELTA + bh * m_len + rows, mask=rows < m_len, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _key_block(K, V, cols, k_row, n_len, dims, HEAD_DIM: tl.constexpr):
+    return _load(K, cols, k_row, n_len, dims, HEAD_DIM), _load(V, cols, k_row, n_len, dims, HEAD_DIM)
+
+
+@triton.jit
+def _second_order_terms(q, k, v, do, gq, gk, lse, delta, rows, cols, m_len, n_len, window, scale, PREC):
+    """P, dP − D and G = s·(gQ·Kᵀ + Q·gKᵀ) of one [rows, keys] tile, in the accumulation dtype."""
+    p = _probs(q, k, lse, rows, cols, m_len, n_len, window, scale, PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(lse.dtype)
+    g = tl.dot(gq, tl.trans(k), input_precision=PREC) + tl.dot(q, tl.trans(gk), input_precision=PREC)
+    return p, dp, dp - delta[:, None], g.to(lse.dtype) * scale
+
+
+@triton.jit
 def _key_range(row0, m_len, n_len, window, BM: tl.constexpr, BN: tl.constexpr):
     """Key blocks [lo, hi) that rows row0 .. row0 + BM − 1 can see (lo aligned to BN)."""
     first_pos = n_len - m_len + row0
@@ -123,16 +147,12 @@ def _backward_q(
     bh = tl.program_id(1)
     rows = row0 + tl.arange(0, BM)
     dims = tl.arange(0, BD)
-    q = _load(Q + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-    do = _load(DO + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-    lse = tl.load(LSE + bh * m_len + rows, mask=rows < m_len, other=0.0)
-    delta = tl.load(DELTA + bh * m_len + rows, mask=rows < m_len, other=0.0)
+    q, do, lse, delta = _row_block(Q, DO, LSE, DELTA, bh, q_bh, rows, q_row, m_len, dims, HEAD_DIM)
     dq = tl.zeros([BM, BD], ACC)
     lo, hi = _key_range(row0, m_len, n_len, window, BM, BN)
     for col0 in range(lo, hi, BN):
         cols = col0 + tl.arange(0, BN)
-        k = _load(K + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-        v = _load(V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
+        k, v = _key_block(K + bh * k_bh, V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
         p = _probs(q, k, lse, rows, cols, m_len, n_len, window, scale, PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
         ds = p * (dp - delta[:, None])
@@ -152,17 +172,13 @@ def _backward_kv(
     bh = tl.program_id(1)
     cols = col0 + tl.arange(0, BN)
     dims = tl.arange(0, BD)
-    k = _load(K + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-    v = _load(V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
+    k, v = _key_block(K + bh * k_bh, V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
     dk = tl.zeros([BN, BD], ACC)
     dv = tl.zeros([BN, BD], ACC)
     lo, hi = _row_range(col0, m_len, n_len, window, BM, BN)
     for row0 in range(lo, hi, BM):
         rows = row0 + tl.arange(0, BM)
-        q = _load(Q + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-        do = _load(DO + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-        lse = tl.load(LSE + bh * m_len + rows, mask=rows < m_len, other=0.0)
-        delta = tl.load(DELTA + bh * m_len + rows, mask=rows < m_len, other=0.0)
+        q, do, lse, delta = _row_block(Q, DO, LSE, DELTA, bh, q_bh, rows, q_row, m_len, dims, HEAD_DIM)
         p = _probs(q, k, lse, rows, cols, m_len, n_len, window, scale, PREC)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC).to(ACC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
@@ -185,11 +201,8 @@ def _double_q(
     bh = tl.program_id(1)
     rows = row0 + tl.arange(0, BM)
     dims = tl.arange(0, BD)
-    q = _load(Q + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-    do = _load(DO + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
+    q, do, lse, delta = _row_block(Q, DO, LSE, DELTA, bh, q_bh, rows, q_row, m_len, dims, HEAD_DIM)
     gq = _load(GQ + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-    lse = tl.load(LSE + bh * m_len + rows, mask=rows < m_len, other=0.0)
-    delta = tl.load(DELTA + bh * m_len + rows, mask=rows < m_len, other=0.0)
     c_sum = tl.zeros([BM], ACC)  # rowsum(G∘P)
     r_sum = tl.zeros([BM], ACC)  # rowsum(P∘G∘dP)
     xk = tl.zeros([BM, BD], ACC)  # (P∘X)·K
@@ -202,16 +215,11 @@ def _double_q(
     lo, hi = _key_range(row0, m_len, n_len, window, BM, BN)
     for col0 in range(lo, hi, BN):
         cols = col0 + tl.arange(0, BN)
-        k = _load(K + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-        v = _load(V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-        gk = _load(GK + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-        gv = _load(GV + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-        p = _probs(q, k, lse, rows, cols, m_len, n_len, window, scale, PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
-        g = (
-            tl.dot(gq, tl.trans(k), input_precision=PREC) + tl.dot(q, tl.trans(gk), input_precision=PREC)
-        ).to(ACC) * scale
-        centred = dp - delta[:, None]
+        k, v = _key_block(K + bh * k_bh, V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
+        gk, gv = _key_block(GK + bh * k_bh, GV + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
+        p, dp, centred, g = _second_order_terms(
+            q, k, v, do, gq, gk, lse, delta, rows, cols, m_len, n_len, window, scale, PREC
+        )
         x = tl.dot(do, tl.trans(gv), input_precision=PREC).to(ACC) + g * centred
         gp = g * p
         c_sum += tl.sum(gp, 1)
@@ -244,29 +252,20 @@ def _double_kv(
     bh = tl.program_id(1)
     cols = col0 + tl.arange(0, BN)
     dims = tl.arange(0, BD)
-    k = _load(K + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-    v = _load(V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-    gk = _load(GK + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
-    gv = _load(GV + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
+    k, v = _key_block(K + bh * k_bh, V + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
+    gk, gv = _key_block(GK + bh * k_bh, GV + bh * k_bh, cols, k_row, n_len, dims, HEAD_DIM)
     rk = tl.zeros([BN, BD], ACC)
     rv = tl.zeros([BN, BD], ACC)
     lo, hi = _row_range(col0, m_len, n_len, window, BM, BN)
     for row0 in range(lo, hi, BM):
         rows = row0 + tl.arange(0, BM)
-        q = _load(Q + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-        do = _load(DO + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
+        q, do, lse, delta = _row_block(Q, DO, LSE, DELTA, bh, q_bh, rows, q_row, m_len, dims, HEAD_DIM)
         gq = _load(GQ + bh * q_bh, rows, q_row, m_len, dims, HEAD_DIM)
-        inside = rows < m_len
-        lse = tl.load(LSE + bh * m_len + rows, mask=inside, other=0.0)
-        delta = tl.load(DELTA + bh * m_len + rows, mask=inside, other=0.0)
-        c_sum = tl.load(CSUM + bh * m_len + rows, mask=inside, other=0.0)
-        e_sum = tl.load(ESUM + bh * m_len + rows, mask=inside, other=0.0)
-        p = _probs(q, k, lse, rows, cols, m_len, n_len, window, scale, PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
-        g = (
-            tl.dot(gq, tl.trans(k), input_precision=PREC) + tl.dot(q, tl.trans(gk), input_precision=PREC)
-        ).to(ACC) * scale
-        centred = dp - delta[:, None]
+        c_sum = tl.load(CSUM + bh * m_len + rows, mask=rows < m_len, other=0.0)
+        e_sum = tl.load(ESUM + bh * m_len + rows, mask=rows < m_len, other=0.0)
+        p, dp, centred, g = _second_order_terms(
+            q, k, v, do, gq, gk, lse, delta, rows, cols, m_len, n_len, window, scale, PREC
+        )
         ds = p * centred
         gp = tl.dot(do, tl.trans(gv), input_precision=PREC).to(ACC) + g * centred - c_sum[:, None] * dp
         gs = p * (gp - e_sum[:, None])
