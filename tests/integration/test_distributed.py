@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -152,3 +153,19 @@ def test_s3_data_and_sharded_checkpoints_survive_a_restart(ray_cluster, runs, s3
     checkpointer = Checkpointer(open_storage(f"{runs_uri}/on-s3"), keep=3)
     assert checkpointer.latest() == 3
     assert load_checkpoint(f"{runs_uri}/on-s3")["state"]["step"] == 3
+
+
+def test_bf16_keeps_parameters_and_fast_weights_fp32():
+    stage = 3  # partitioned parameters, gathered inside the forward: the stage where casts could hide
+    # A fresh process: DeepSpeed sets up a process group, which must not leak into the other tests.
+    probe = str(ROOT / "tests" / "integration" / "ds_precision_probe.py")
+
+    def run(precision: str) -> dict:
+        command = [sys.executable, probe, str(stage), precision]
+        out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    bf16, fp32 = run("bf16"), run("fp32")
+    assert bf16["params"] == ["torch.float32"] and bf16["inner"] == ["torch.float32"]
+    # bf16 compute did run: the loss moved, but only by rounding
+    assert bf16["loss"] != fp32["loss"] and abs(bf16["loss"] - fp32["loss"]) < 0.05

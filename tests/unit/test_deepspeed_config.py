@@ -16,7 +16,9 @@ def test_batch_split_clipping_and_stage():
     assert cfg["train_batch_size"] == 64
     assert cfg["train_micro_batch_size_per_gpu"] * 8 * cfg["gradient_accumulation_steps"] == 64
     assert cfg["gradient_clipping"] == 0.5  # explicit: DeepSpeed's default of 1.0 would hide a recipe's value
-    assert cfg["zero_optimization"] == {"stage": 3} and cfg["bf16"] == {"enabled": True}
+    assert cfg["zero_optimization"] == {"stage": 3}
+    # bf16 through autocast, parameters kept fp32: DeepSpeed's "bf16" mode would make fast weights bf16.
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in cfg
 
 
 def test_default_stage_with_several_workers_is_two():

@@ -17,7 +17,9 @@ def deepspeed_config(job: JobConfig, world_size: int, bf16: bool) -> dict[str, A
         # Set explicitly: DeepSpeed 0.19 clips at 1.0 when the key is absent, whatever the recipe says.
         "gradient_clipping": job.optim.grad_clip,
         "zero_optimization": {"stage": job.scale.effective_zero_stage},
-        "bf16": {"enabled": bf16},
+        # bf16 compute with fp32 parameters (spec: fast weights, inner gradients and updates stay fp32).
+        # DeepSpeed's "bf16" mode would store the parameters, and so the initial fast weights, in bf16.
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         # Our AdamW and schedule are passed in (the recipe's, with weight decay on every parameter).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
