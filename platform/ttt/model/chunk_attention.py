@@ -88,10 +88,16 @@ class _Launch:
     def run(self, fn, kernel: str, over_keys: bool, *tensors, strides: tuple[int, ...]):
         bm, bn, warps = _blocks(self.device, kernel)
         grid = (triton_cdiv(self.n if over_keys else self.m, bn if over_keys else bm), self.bh)
-        fn[grid](
-            *tensors, *strides, self.m, self.n, self.window, self.scale,
-            BM=bm, BN=bn, num_warps=warps, **self.consts,
-        )  # fmt: skip
+        try:
+            fn[grid](
+                *tensors, *strides, self.m, self.n, self.window, self.scale,
+                BM=bm, BN=bn, num_warps=warps, **self.consts,
+            )  # fmt: skip
+        except Exception as exc:  # compilation or launch: say which kernel, and the way around it
+            raise RuntimeError(
+                f"Triton chunk-attention kernel {fn.__name__} failed on {self.device} "
+                f"(d={self.d}, {self.consts['ACC']}): {exc}; model.chunk_kernel=materialized avoids it"
+            ) from exc
 
     def stats(self) -> torch.Tensor:
         return torch.empty(self.bh, self.m, device=self.device, dtype=self.stat_dtype)
