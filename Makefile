@@ -33,6 +33,7 @@ bench: install
 	$(PY) benchmarks/workers.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/inference.py --write benchmarks/RESULTS.md
 	TRITON_INTERPRET=1 $(PY) benchmarks/kernels.py --device cpu --write benchmarks/RESULTS.md
+	$(PY) benchmarks/kernels.py --compile --write benchmarks/RESULTS.md
 
 # On a CUDA machine (no install step: a GPU image may have no package index; see infra/gpu-check.sh).
 bench-gpu:

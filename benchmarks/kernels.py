@@ -11,6 +11,7 @@ One suffix chunk of the meta step: b queries against [W-key cache ‖ b new keys
 
     python benchmarks/kernels.py --device cuda                      # 1 x 12 heads, b=1024, W=8192, d=64, bf16
     TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu    # small fp32 shape, accuracy only
+    python benchmarks/kernels.py --compile                          # no GPU: registers and spills on sm_90
 No Ray, DeepSpeed or MLflow needed.
 """
 
@@ -137,6 +138,26 @@ def render(args, device, errors, times) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compile_table(arch: int) -> str:
+    """ptxas's report for each kernel in bf16 at the block sizes the CUDA path launches (no GPU needed)."""
+    from ttt.model.chunk_attention import compile_report
+
+    lines = [
+        f"# Chunk-attention kernels compiled for sm_{arch} in bf16 (ptxas, no GPU needed)",
+        "",
+        "| head dim | kernel | rows x keys, warps | registers | spill stores (bytes) | shared memory (KiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for head_dim in (64, 128):
+        for b in compile_report(arch, torch.bfloat16, head_dim):
+            rows, keys, warps = b.block
+            lines.append(
+                f"| {head_dim} | `{b.name}` | {rows} x {keys}, {warps} | {b.registers} | {b.spill_bytes} "
+                f"| {b.shared_bytes / 1024:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,7 +171,17 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--write", help="also write the tables as Markdown to this file")
+    parser.add_argument(
+        "--compile", type=int, nargs="?", const=90, metavar="ARCH",
+        help="only compile the kernels for sm_ARCH (default 90) and report registers and spills",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.compile:
+        table = compile_table(args.compile)
+        print(table)
+        if args.write:
+            write_block(args.write, "kernel_builds", table, "Chunk-attention kernels compiled (`--compile`)")
+        return
     gpu = args.device == "cuda"
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("on CPU the kernels run in Triton's interpreter: set TRITON_INTERPRET=1")

@@ -5,6 +5,10 @@ inside the meta step, and against the official golden meta-gradient."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +165,24 @@ def test_flex_prefix_kernel_matches_sdpa(window):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match=r"model\.prefix_kernel.*CUDA"):
         resolve_prefix_kernel("flex", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernels_compile_for_hopper_without_spills(head_dim, tmp_path):
+    # Triton ships the CUDA compiler, so every kernel is compiled here for sm_90 (H100/H200) in bf16 with
+    # the block sizes the GPU path launches; ptxas must fit each in registers. A fresh process: the
+    # interpreter setting of this one would hand the compiler interpreted functions.
+    code = (
+        "import dataclasses, json, torch\n"
+        "from ttt.model.chunk_attention import compile_report\n"
+        f"print(json.dumps([dataclasses.asdict(b) for b in compile_report(90, torch.bfloat16, {head_dim})]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, and leave no cache in the home folder
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    builds = json.loads(out.stdout.strip().splitlines()[-1])
+    names = ["_forward", "_backward_q", "_backward_kv", "_double_q", "_double_kv"]
+    assert [b["name"] for b in builds] == names
+    for build in builds:
+        assert build["spill_bytes"] == 0 and 0 < build["registers"] <= 255, build
+        assert build["shared_bytes"] <= 227 * 1024, build  # Hopper's shared memory per block

@@ -18,6 +18,11 @@ import functools
 import importlib.util
 import math
 import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -53,20 +58,50 @@ def resolve_chunk_kernel(kernel: ChunkKernel, device: torch.device) -> Literal["
     return kernel
 
 
-def _blocks(device: torch.device, kernel: str) -> tuple[int, int, int]:
-    """(rows per block, keys per block, warps). Small blocks in the interpreter keep tests quick and
-    still cover multi-block loops; the GPU sizes keep the double-backward accumulators in registers."""
+# (rows, keys, warps) per kernel on CUDA for d ≤ 64, chosen with `compile_report` on sm_90: the largest
+# tiles that compile without register spills in bf16 (`python benchmarks/kernels.py --compile` prints them).
+# 4-byte operands (fp32 or fp64 checks) need twice the registers: smaller tiles. Tuning on a GPU may pick
+# others; these are where spills start, not measured optima.
+_CUDA_BLOCKS = {
+    "_forward": (128, 64, 8),
+    "_backward_q": (128, 64, 8),
+    "_backward_kv": (64, 64, 8),
+    "_double_q": (32, 32, 8),
+    "_double_kv": (32, 32, 4),
+}
+_CUDA_BLOCKS_WIDE = {name: (16, 16, 4) for name in _CUDA_BLOCKS}
+
+
+def _blocks(device: torch.device, kernel: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
+    """(rows per block, keys per block, warps) for one kernel. The interpreter's small blocks keep tests
+    quick and still cover multi-block loops."""
     if device.type != "cuda":
         return 16, 16, 1
-    return (64, 64, 4) if kernel in ("forward", "backward") else (32, 32, 4)
+    wide = dtype in (torch.float32, torch.float64)
+    rows, keys, warps = (_CUDA_BLOCKS_WIDE if wide else _CUDA_BLOCKS)[kernel]
+    if head_dim > 64:  # wider rows of q, k, v and the accumulators: halve the tile
+        rows = max(16, rows // 2)
+    return rows, keys, warps
+
+
+def _constants(dtype: torch.dtype, head_dim: int) -> dict:
+    """The compile-time arguments every kernel takes besides the block sizes."""
+    import triton.language as tl
+
+    fp64 = dtype == torch.float64
+    return {
+        "HEAD_DIM": head_dim,
+        "BD": max(16, 1 << (head_dim - 1).bit_length()),
+        "ACC": tl.float64 if fp64 else tl.float32,
+        # Exact products for fp32/fp64 (no TF32); bf16/fp16 operands use tensor cores either way.
+        "PREC": "ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+    }
 
 
 class _Launch:
     """Shapes, strides and compile-time settings shared by every kernel of one attention call."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, window: int | None):
-        import triton.language as tl
-
         from ttt.model import triton_attention as kernels
 
         self.kernels = kernels
@@ -75,18 +110,12 @@ class _Launch:
         self.window = self.n + 1 if window is None else window
         self.scale = 1.0 / math.sqrt(self.d)
         self.device = q.device
-        fp64 = q.dtype == torch.float64
-        self.stat_dtype = torch.float64 if fp64 else torch.float32
-        self.consts = {
-            "HEAD_DIM": self.d,
-            "BD": max(16, 1 << (self.d - 1).bit_length()),
-            "ACC": tl.float64 if fp64 else tl.float32,
-            # Exact products for fp32/fp64 (no TF32); bf16/fp16 operands use tensor cores either way.
-            "PREC": "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-        }
+        self.dtype = q.dtype
+        self.stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.consts = _constants(q.dtype, self.d)
 
-    def run(self, fn, kernel: str, over_keys: bool, *tensors, strides: tuple[int, ...]):
-        bm, bn, warps = _blocks(self.device, kernel)
+    def run(self, fn, over_keys: bool, *tensors, strides: tuple[int, ...]):
+        bm, bn, warps = _blocks(self.device, fn.__name__, self.dtype, self.d)
         grid = (triton_cdiv(self.n if over_keys else self.m, bn if over_keys else bm), self.bh)
         try:
             fn[grid](
@@ -123,8 +152,8 @@ class _AttentionBackward(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
         common = (q, k, v, do, lse, delta)
-        launch.run(launch.kernels._backward_q, "backward", False, *common, dq, strides=strides)
-        launch.run(launch.kernels._backward_kv, "backward", True, *common, dk, dv, strides=strides)
+        launch.run(launch.kernels._backward_q, False, *common, dq, strides=strides)
+        launch.run(launch.kernels._backward_kv, True, *common, dk, dv, strides=strides)
         ctx.save_for_backward(q, k, v, do, lse, delta)
         ctx.window = window
         return dq, dk, dv
@@ -145,8 +174,8 @@ class _AttentionBackward(torch.autograd.Function):
         c_sum, e_sum = launch.stats(), launch.stats()
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
         common = (q, k, v, do, lse, delta, gq, gk, gv)
-        launch.run(launch.kernels._double_q, "double", False, *common, rq, rdo, c_sum, e_sum, strides=strides)
-        launch.run(launch.kernels._double_kv, "double", True, *common, c_sum, e_sum, rk, rv, strides=strides)
+        launch.run(launch.kernels._double_q, False, *common, rq, rdo, c_sum, e_sum, strides=strides)
+        launch.run(launch.kernels._double_kv, True, *common, c_sum, e_sum, rk, rv, strides=strides)
         return rq, rk, rv, None, None, rdo, None
 
 
@@ -158,7 +187,7 @@ class ChunkAttention(torch.autograd.Function):
         launch = _Launch(q, k, window)
         o, lse = torch.empty_like(q), launch.stats()
         strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1))
-        launch.run(launch.kernels._forward, "forward", False, q, k, v, o, lse, strides=strides)
+        launch.run(launch.kernels._forward, False, q, k, v, o, lse, strides=strides)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.window = window
         return o
@@ -182,3 +211,95 @@ def triton_chunk_attention(
         raise ValueError(f"{q.shape[-2]} queries but only {k.shape[-2]} keys (queries are the last keys)")
     out = ChunkAttention.apply(_flat(q), _flat(k), _flat(v), window)
     return out.view(q.shape)
+
+
+# -- ahead-of-time compilation, without a GPU ------------------------------------------------------------
+
+_STATS = {"LSE", "DELTA", "CSUM", "ESUM"}  # per-row statistics, in the accumulation dtype
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """What ptxas reports for one kernel compiled for a GPU architecture."""
+
+    name: str
+    block: tuple[int, int, int]  # rows, keys, warps
+    registers: int
+    spill_bytes: int  # spill stores
+    shared_bytes: int
+
+
+def compile_report(
+    arch: int = 90, dtype: torch.dtype = torch.bfloat16, head_dim: int = 64
+) -> list[KernelBuild]:
+    """Compile every kernel for NVIDIA compute capability `arch` (90: H100/H200) with the block sizes the
+    CUDA path launches, and read registers and spills from ptxas. Triton ships the CUDA compiler, so this
+    needs no GPU: a CPU machine catches kernels that would not compile, or would spill, before a GPU run."""
+    return [
+        compile_kernel(name, _blocks(torch.device("cuda"), name, dtype, head_dim), arch, dtype, head_dim)
+        for name in _CUDA_BLOCKS
+    ]
+
+
+def compile_kernel(
+    name: str, block: tuple[int, int, int], arch: int, dtype: torch.dtype, head_dim: int
+) -> KernelBuild:
+    """One kernel, compiled for `arch` with (rows, keys, warps) = `block`. Must run without
+    TRITON_INTERPRET: with it the kernels are interpreted functions, which cannot be compiled."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compiling the kernels needs TRITON_INTERPRET unset")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ttt.model import triton_attention as kernels
+
+    fn = getattr(kernels, name)
+    element, stats = _TRITON_TYPES[dtype], "fp64" if dtype == torch.float64 else "fp32"
+    signature = {}
+    for arg, param in zip(fn.arg_names, fn.params, strict=True):
+        if param.is_constexpr:
+            signature[arg] = "constexpr"
+        elif arg.isupper():  # tensors are named in capitals
+            signature[arg] = f"*{stats if arg in _STATS else element}"
+        else:
+            signature[arg] = "fp32" if arg == "scale" else "i32"
+    rows, keys, warps = block
+    constexprs = {**_constants(dtype, head_dim), "BM": rows, "BN": keys}
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps},
+    )
+    registers, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+    return KernelBuild(name, block, registers, spills, compiled.metadata.shared)
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill-store bytes) from `ptxas -v`, with the ptxas Triton ships."""
+    import triton
+
+    try:  # the one Triton itself uses for this architecture
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except (ImportError, AttributeError):  # another Triton version: the newest it ships
+        found = sorted(Path(triton.__file__).parent.glob("backends/nvidia/bin/ptxas*"), reverse=True)
+        if not found:
+            raise RuntimeError("this Triton installation ships no ptxas") from None
+        ptxas = str(found[0])
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # 'a': the Hopper-only instructions Triton emits
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        command = [ptxas, "-v", f"--gpu-name={gpu}", str(source), "-o", str(Path(tmp) / "kernel.o")]
+        done = subprocess.run(command, capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    if done.returncode:
+        raise RuntimeError(f"ptxas failed: {log[-500:]}")
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas output: {log[-300:]}")
+    return int(registers.group(1)), int(spills.group(1))
