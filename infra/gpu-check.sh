@@ -11,7 +11,7 @@ set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  site="${TMPDIR:-/tmp}/ttt-site"
+  site=$(mktemp -d)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     || exit 1
   export PYTHONPATH="$site"
