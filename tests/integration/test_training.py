@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 import ttt.model.ttt as ttt_loop
 from tests.integration.services import ROOT, TINY
-from ttt.config import resolve
+from ttt.config import ConfigError, resolve
 from ttt.data.corpus import prepare
 from ttt.data.tokenizer import ByteTokenizer
 from ttt.storage import open_storage
@@ -125,6 +125,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, m
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["ttt.mini_batch_size"] == "16" and run.data.params["model.window_size"] == "16"
     assert run.data.tags["ttt.variant"] == "TTT-E2E"
+    assert run.data.tags["ttt.kernels"] == "prefix=sdpa chunk=materialized"  # what 'auto' is on a CPU
     assert run.data.tags["ttt.checkpoint"].endswith("checkpoints/step-00000012.pt")
     metrics = set(run.data.metrics)
     assert {
@@ -151,6 +152,14 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, m
         "eval/loss_by_position.json",
     } <= artifacts
     assert "eval/step-00000005" in artifacts  # the curve of the periodic evaluation after 6 steps
+
+
+def test_a_kernel_this_machine_cannot_run_fails_before_training(tmp_path, text_dataset, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter: no Triton kernels
+    job = tiny_job(f"data.path={text_dataset}", f"storage.root={tmp_path}", "model.chunk_kernel=triton")
+    with pytest.raises(ConfigError, match=r"model\.chunk_kernel.*CUDA"):
+        Trainer(job, "pinned", progress=False).fit()
+    assert not list(tmp_path.glob("pinned/checkpoints/*"))
 
 
 def test_gradient_accumulation_keeps_the_update(tmp_path, text_dataset):

@@ -227,3 +227,14 @@ def test_generate_command(tmp_path, capsys):
     assert main(["generate", mismatch, "--prompt", "hello", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "num_layers=4" in err and "\n" not in err
+
+
+def test_a_checkpoint_pinned_to_gpu_kernels_loads_on_a_cpu(tmp_path, monkeypatch):
+    # Trained with the Triton and flash-attn kernels on a GPU; evaluated here, where neither can run.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    job = _byte_job("model.chunk_kernel=triton", "model.prefix_kernel=flash")
+    path = _write_checkpoint(tmp_path / "step-00000000.pt", random_model(_byte_job()), job)
+    model, loaded = load_model(path, "cpu")
+    assert (loaded.model.chunk_kernel, loaded.model.prefix_kernel) == ("auto", "auto")
+    tokens = torch.randint(1, 256, (1, 2 * loaded.ttt.mini_batch_size))
+    assert torch.isfinite(streaming_nll(model, loaded.ttt, tokens)).all()

@@ -314,11 +314,11 @@ def _check_vocabulary(cfg: ModelConfig, ids: torch.Tensor) -> None:
 
 def load_model(checkpoint: str, device: str = "auto") -> tuple[Transformer, JobConfig]:
     """The fp32 model of a checkpoint (file or run directory, local or s3://) and its job config."""
-    from ttt.train.checkpoint import load_checkpoint
+    from ttt.train.checkpoint import checkpoint_job, load_checkpoint
     from ttt.train.device import resolve_device
 
     payload = load_checkpoint(checkpoint)
-    job = JobConfig.from_dict(payload["config"])
+    job = checkpoint_job(payload)
     model = Transformer(job.model)
     check_weights_fit(model, payload["model"], checkpoint)
     model.load_state_dict(payload["model"])

@@ -133,12 +133,12 @@ class LoadedCheckpoint:
 def load_for_eval(
     checkpoint: str, *, data: str | None = None, seq_len: int | None = None, device: str = "auto"
 ) -> LoadedCheckpoint:
-    from ttt.train.checkpoint import load_checkpoint
+    from ttt.train.checkpoint import checkpoint_job, load_checkpoint
     from ttt.train.device import autocast_for, resolve_device
 
     payload = load_checkpoint(checkpoint)
     overrides = ([f"train.seq_len={seq_len}"] if seq_len else []) + ([f"data.path={data}"] if data else [])
-    job = JobConfig.from_dict(payload["config"]).with_overrides(overrides)
+    job = checkpoint_job(payload, overrides)
     target = resolve_device(device)
     model = Transformer(job.model).to(target)
     model.load_state_dict(payload["model"])

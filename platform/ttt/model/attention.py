@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttt.config import ConfigError
+from ttt.config import ConfigError, ModelConfig
 from ttt.model.chunk_attention import installed, resolve_chunk_kernel, triton_chunk_attention
 from ttt.model.layers import RMSNorm, RotaryTable, apply_rope
 
@@ -60,6 +60,12 @@ def resolve_prefix_kernel(kernel: str, device: torch.device, dtype: torch.dtype)
     if kernel == "flex" and device.type != "cuda":
         raise ConfigError("model.prefix_kernel", f"'flex' has a backward on CUDA only, not on {device}")
     return kernel
+
+
+def kernels_label(cfg: ModelConfig, device: torch.device, bf16: bool) -> str:
+    """Which kernels a model config runs on `device`, e.g. 'prefix=flash chunk=triton' (for run tags)."""
+    prefix = resolve_prefix_kernel(cfg.prefix_kernel, device, torch.bfloat16 if bf16 else torch.float32)
+    return f"prefix={prefix} chunk={resolve_chunk_kernel(cfg.chunk_kernel, device)}"
 
 
 def fused_attention(

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ttt.config import JobConfig
 from ttt.errors import UserError
 from ttt.storage import Storage, join, open_storage
 
@@ -180,6 +181,13 @@ def load_checkpoint(uri: str) -> dict:
         return checkpointer.load(found)
     name = f"{found.name}/ttt.pt"
     return _decode(checkpointer.storage.read_bytes(name), checkpointer.storage.describe(name))
+
+
+def checkpoint_job(payload: dict, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """The job config a checkpoint was trained with, for use on this machine: the attention kernels go back
+    to 'auto' (they compute the same function; one pinned to Triton on a GPU would not run on a CPU)."""
+    job = JobConfig.from_dict(payload["config"])
+    return job.with_overrides(["model.prefix_kernel=auto", "model.chunk_kernel=auto", *overrides])
 
 
 def rng_state() -> dict:

@@ -21,9 +21,13 @@ def resolve_device(choice: str) -> torch.device:
     )
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 compute ('auto': on CUDA); parameters, fast weights and losses stay fp32 either way."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(device, precision):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 

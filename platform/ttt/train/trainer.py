@@ -24,6 +24,7 @@ from ttt.data import Samples, TrainBatches, open_dataset, split_tokens, validati
 from ttt.data.streams import DataError
 from ttt.errors import UserError
 from ttt.eval.position import EvalResult, evaluate, evaluate_with_and_without_ttt
+from ttt.model.attention import kernels_label
 from ttt.model.counting import flops_per_token
 from ttt.model.transformer import Transformer
 from ttt.model.ttt import MetaLearner, inner_lr_at
@@ -31,7 +32,7 @@ from ttt.storage import join, open_storage
 from ttt.tracking.logger import CURVE_ARTIFACT, Tracker
 from ttt.tracking.plots import loss_by_position_plot
 from ttt.train.checkpoint import Checkpointer, CheckpointError, load_checkpoint, rng_state, set_rng_state
-from ttt.train.device import autocast_for, peak_flops, resolve_device
+from ttt.train.device import autocast_for, peak_flops, resolve_device, uses_bf16
 from ttt.train.engine import LocalEngine, NonFiniteGradient
 from ttt.train.report import ProgressReport, read_progress
 
@@ -81,8 +82,7 @@ def build_engine(learner: MetaLearner, job: JobConfig, device: torch.device):
         return LocalEngine(learner, job)
     from ttt.distributed.deepspeed_engine import DeepSpeedEngine
 
-    bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
-    return DeepSpeedEngine(learner, job, bf16=bf16)
+    return DeepSpeedEngine(learner, job, bf16=uses_bf16(device, job.train.precision))
 
 
 class Trainer:
@@ -181,7 +181,11 @@ class Trainer:
             run_id,
             self.run_name,
             flatten(job),
-            {"ttt.variant": variant_label(job), "ttt.run_dir": storage.uri},
+            {
+                "ttt.variant": variant_label(job),
+                "ttt.run_dir": storage.uri,
+                "ttt.kernels": kernels_label(job.model, device, uses_bf16(device, cfg.precision)),
+            },
         )
         if self.rank == 0:
             storage.write_bytes("config.yaml", to_yaml(job).encode())
