@@ -75,6 +75,25 @@ def test_every_order_matches_the_materialized_reference_in_fp64(shape):
     assert _max_error(second, ref_second) < 1e-11
 
 
+@pytest.mark.parametrize("block", [(32, 16), (16, 32), (64, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_blocks_of_unequal_sizes(block, monkeypatch):
+    # The GPU launches rows and keys in blocks of different sizes (128 x 64, 64 x 64, 32 x 32): the block
+    # ranges each program walks must not depend on the two being equal.
+    monkeypatch.setattr(chunk_mod, "_blocks", lambda *args: (*block, 1))
+    for *sizes, window in [(1, 1, 40, 72, 16, 24), (1, 1, 33, 33, 16, None), (1, 1, 20, 90, 16, 70)]:
+        fused, ref = _inputs(*sizes), _inputs(*sizes)
+        out, expected = triton_chunk_attention(*fused, window), materialized_attention(*ref, window)
+        go = torch.randn_like(expected).requires_grad_()
+        grads = torch.autograd.grad(out, fused, go, create_graph=True)
+        ref_grads = torch.autograd.grad(expected, ref, go, create_graph=True)
+        weights = [torch.randn_like(g) for g in grads]
+        second = torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, weights, strict=True)), fused)
+        ref_second = torch.autograd.grad(
+            sum((g * w).sum() for g, w in zip(ref_grads, weights, strict=True)), ref
+        )
+        assert _max_error([out, *grads, *second], [expected, *ref_grads, *ref_second]) < 1e-11
+
+
 def test_gradcheck_and_gradgradcheck_against_finite_differences():
     q, k, v = _inputs(1, 1, 5, 9, 4, seed=1)  # few elements: every one is perturbed twice per check
 
