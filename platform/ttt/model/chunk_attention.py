@@ -99,7 +99,8 @@ def _constants(dtype: torch.dtype, head_dim: int) -> dict:
 
 
 class _Launch:
-    """Shapes, strides and compile-time settings shared by every kernel of one attention call."""
+    """Shapes and compile-time settings shared by every kernel of one attention call. Every tensor is a
+    contiguous [B·H, rows, d] (query-shaped: m rows, key-shaped: n rows), so two strides each describe all."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, window: int | None):
         from ttt.model import triton_attention as kernels
@@ -113,13 +114,16 @@ class _Launch:
         self.dtype = q.dtype
         self.stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.consts = _constants(q.dtype, self.d)
+        self.strides = (self.m * self.d, self.d, self.n * self.d, self.d)
 
-    def run(self, fn, over_keys: bool, *tensors, strides: tuple[int, ...]):
+    def run(self, fn, over_keys: bool, *tensors):
+        import triton
+
         bm, bn, warps = _blocks(self.device, fn.__name__, self.dtype, self.d)
-        grid = (triton_cdiv(self.n if over_keys else self.m, bn if over_keys else bm), self.bh)
+        grid = (triton.cdiv(self.n if over_keys else self.m, bn if over_keys else bm), self.bh)
         try:
             fn[grid](
-                *tensors, *strides, self.m, self.n, self.window, self.scale,
+                *tensors, *self.strides, self.m, self.n, self.window, self.scale,
                 BM=bm, BN=bn, num_warps=warps, **self.consts,
             )  # fmt: skip
         except Exception as exc:  # compilation or launch: say which kernel, and the way around it
@@ -130,10 +134,6 @@ class _Launch:
 
     def stats(self) -> torch.Tensor:
         return torch.empty(self.bh, self.m, device=self.device, dtype=self.stat_dtype)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +150,9 @@ class _AttentionBackward(torch.autograd.Function):
         do = do.contiguous()
         delta = (do.to(launch.stat_dtype) * o.to(launch.stat_dtype)).sum(-1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
         common = (q, k, v, do, lse, delta)
-        launch.run(launch.kernels._backward_q, False, *common, dq, strides=strides)
-        launch.run(launch.kernels._backward_kv, True, *common, dk, dv, strides=strides)
+        launch.run(launch.kernels._backward_q, False, *common, dq)
+        launch.run(launch.kernels._backward_kv, True, *common, dk, dv)
         ctx.save_for_backward(q, k, v, do, lse, delta)
         ctx.window = window
         return dq, dk, dv
@@ -172,10 +171,9 @@ class _AttentionBackward(torch.autograd.Function):
         gv = torch.zeros_like(v) if gv is None else gv.contiguous()
         rq, rdo, rk, rv = torch.empty_like(q), torch.empty_like(do), torch.empty_like(k), torch.empty_like(v)
         c_sum, e_sum = launch.stats(), launch.stats()
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
         common = (q, k, v, do, lse, delta, gq, gk, gv)
-        launch.run(launch.kernels._double_q, False, *common, rq, rdo, c_sum, e_sum, strides=strides)
-        launch.run(launch.kernels._double_kv, True, *common, c_sum, e_sum, rk, rv, strides=strides)
+        launch.run(launch.kernels._double_q, False, *common, rq, rdo, c_sum, e_sum)
+        launch.run(launch.kernels._double_kv, True, *common, c_sum, e_sum, rk, rv)
         return rq, rk, rv, None, None, rdo, None
 
 
@@ -186,8 +184,7 @@ class ChunkAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, window):
         launch = _Launch(q, k, window)
         o, lse = torch.empty_like(q), launch.stats()
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1))
-        launch.run(launch.kernels._forward, False, q, k, v, o, lse, strides=strides)
+        launch.run(launch.kernels._forward, False, q, k, v, o, lse)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.window = window
         return o

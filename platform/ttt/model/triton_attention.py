@@ -22,7 +22,8 @@ X = dO·gVᵀ + G∘(dP − D)) and combining them once the row sums are known. 
 recomputes everything with C and E in hand. Accumulation is in ACC (fp32, or fp64 for fp64 inputs);
 matrix products take their operands in the input dtype (bf16 on GPU: tensor cores).
 
-All tensors are [B·H, len, d] with unit stride in d and one stride for rows; row statistics are [B·H, m].
+All tensors are [B·H, len, d] with unit stride in d and one stride for rows (the output has the queries'
+strides); row statistics are [B·H, m].
 These kernels run on CUDA, and on CPU under TRITON_INTERPRET=1 (how the tests cover them).
 """
 
@@ -103,7 +104,7 @@ def _probs(q, k, lse, rows, cols, m_len, n_len, window, scale, PREC: tl.constexp
 @triton.jit
 def _forward(
     Q, K, V, OUT, LSE,
-    q_bh, q_row, k_bh, k_row, o_bh, o_row,
+    q_bh, q_row, k_bh, k_row,
     m_len, n_len, window, scale,
     HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
@@ -131,7 +132,7 @@ def _forward(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(ACC)
         run_max = new_max
     run_sum = tl.where(rows < m_len, run_sum, 1.0)  # padding rows past m: no 0/0 or log 0
-    _store(OUT + bh * o_bh, acc / run_sum[:, None], rows, o_row, m_len, dims, HEAD_DIM)
+    _store(OUT + bh * q_bh, acc / run_sum[:, None], rows, q_row, m_len, dims, HEAD_DIM)
     tl.store(LSE + bh * m_len + rows, run_max + tl.log(run_sum), mask=rows < m_len)
 
 
