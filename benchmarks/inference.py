@@ -20,28 +20,38 @@ import time
 import torch
 
 from results import write_block
-from ttt.config import preset
+from ttt.config import TTTConfig, preset
 from ttt.eval.generate import prefill, step
 from ttt.model.transformer import Transformer
 
 VARIANTS = {"TTT-E2E": "", "SWA": "-swa", "full attention": "-fa"}
 
 
-def measure(name: str, context: int, decode_tokens: int, device: torch.device) -> tuple[float, float]:
+def build(name: str, device: torch.device) -> tuple[Transformer, TTTConfig]:
     job = preset(name)
     torch.manual_seed(0)
-    model = Transformer(job.model).to(device).eval()
-    prompt = torch.randint(0, job.model.bos_token_id, (context,), device=device)
-    prefill(model, job.ttt, prompt[: job.ttt.mini_batch_size * 2])  # warm-up
-    began = time.perf_counter()
-    state, logits = prefill(model, job.ttt, prompt)
-    prefill_s = time.perf_counter() - began
+    return Transformer(job.model).to(device).eval(), job.ttt
+
+
+def measure(model: Transformer, ttt: TTTConfig, context: int, decode_tokens: int) -> tuple[float, float]:
+    device = model.embed.weight.device
+
+    def synced() -> float:  # CUDA runs asynchronously: a time is only taken once the work is done
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    prompt = torch.randint(0, model.config.bos_token_id, (context,), device=device)
+    prefill(model, ttt, prompt[: ttt.mini_batch_size * 2])  # warm-up
+    began = synced()
+    state, logits = prefill(model, ttt, prompt)
+    prefill_s = synced() - began
     times = []
     for _ in range(decode_tokens):
         token = int(logits.argmax(-1)[0])
-        began = time.perf_counter()
+        began = synced()
         logits = step(state, token)
-        times.append(time.perf_counter() - began)
+        times.append(synced() - began)
     return prefill_s / context * 1000, statistics.median(times) * 1000
 
 
@@ -57,11 +67,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     contexts = [int(c) for c in args.contexts.split(",")]
-    rows = {
-        (label, t): measure(args.preset + suffix, t, args.decode_tokens, device)
-        for label, suffix in VARIANTS.items()
-        for t in contexts
-    }
+    rows = {}
+    for label, suffix in VARIANTS.items():
+        model, ttt = build(args.preset + suffix, device)  # once per variant: the weights do not matter
+        for t in contexts:
+            rows[(label, t)] = measure(model, ttt, t, args.decode_tokens)
     job = preset(args.preset)
     lines = [
         f"# Streaming inference: `{args.preset}` (W={job.model.window_size}, b={job.ttt.mini_batch_size}), "

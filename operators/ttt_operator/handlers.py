@@ -27,6 +27,8 @@ from ttt_operator.status import FAILED, PENDING, TERMINAL, now_iso
 
 SETTINGS = Settings.from_env()
 log = logging.getLogger("ttt_operator")
+# Answers that will not change on a retry (bad request, forbidden, invalid): report them, do not retry.
+REFUSED = (400, 403, 422)
 
 # Handlers of an object and of what it owns run in different threads: one reconcile per object at a time.
 _locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -59,8 +61,7 @@ def reconcile(namespace: str, name: str) -> None:
             todo = plan(job, {}, None, config, run, now)
             todo.status = blocked(job, todo.status, PENDING, "KubeRayMissing", str(exc), now)
             todo.create, todo.events = None, [("Warning", "KubeRayMissing", str(exc))]
-            rayjobs = None
-        if rayjobs is not None:
+        else:
             report = _read_report(run[1]) if rayjobs else None
             todo = plan(job, rayjobs, report, config, run, now)
         for rayjob in todo.delete:
@@ -70,7 +71,7 @@ def reconcile(namespace: str, name: str) -> None:
                 api.create(builders.config_map(job, todo.create, config))
                 api.create(builders.ray_job(job, todo.create, config, SETTINGS))
             except ApiException as exc:
-                if exc.status not in (400, 403, 422):
+                if exc.status not in REFUSED:
                     raise  # transient: kopf retries the handler
                 message = f"the API server refused attempt {todo.create}: {_reason(exc)}"
                 todo.status = blocked(job, todo.status, FAILED, "RayJobRejected", message, now)
@@ -97,7 +98,7 @@ def reconcile_sweep(namespace: str, name: str) -> None:
             try:
                 api.create(job)
             except ApiException as exc:
-                if exc.status not in (400, 403, 422):
+                if exc.status not in REFUSED:
                     raise
                 message = f"the API server refused trial {job['metadata']['name']}: {_reason(exc)}"
                 todo.status.update(phase=FAILED, message=message)

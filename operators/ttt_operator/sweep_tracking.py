@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ttt.sweep.spec import Expansion, SweepSpec
-from ttt.tracking.logger import CURVE_ARTIFACT
+from ttt.tracking.logger import CURVE_ARTIFACT, quiet_mlflow
 
 
 def reachable_uri(uri: str | None) -> bool:
@@ -25,6 +25,7 @@ def reachable_uri(uri: str | None) -> bool:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    quiet_mlflow()  # a dead server must fail in seconds: the sweep's lock is held meanwhile
     return MlflowClient(tracking_uri=uri)
 
 

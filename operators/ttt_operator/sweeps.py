@@ -6,6 +6,7 @@ each trial is a TTTJob `<sweep>-t<index>` owned by the sweep, created lowest ind
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,17 @@ class SweepPlan:
 
 
 def trials_of(sweep: dict[str, Any]) -> tuple[SweepSpec, Expansion]:
-    """The sweep's spec and trials; a ConfigError/SpecError names the field in the TTTSweep."""
-    spec, template = from_resource(sweep)
+    """The sweep's spec and trials; a ConfigError/SpecError names the field in the TTTSweep. Expanding
+    validates every trial's config, and a sweep is reconciled on every status change of every trial: the
+    result is kept per spec content (the returned objects are shared: read them, do not change them)."""
+    meta = sweep.get("metadata") or {}
+    return _expand_resource(json.dumps({"name": meta.get("name"), "spec": sweep.get("spec")}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _expand_resource(key: str) -> tuple[SweepSpec, Expansion]:
+    content = json.loads(key)
+    spec, template = from_resource({"metadata": {"name": content["name"]}, "spec": content["spec"]})
     try:
         base = job_config(template)
     except SpecError as exc:

@@ -163,15 +163,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         loss_by_position_plot(result.curves, result.window, Path(args.plot), args.checkpoint)
         result.report["plot"] = args.plot
-    files = {}
-    if args.output or args.tracking_uri:
+    if args.output:
+        files = write_suite(result, Path(args.output))
+        if args.tracking_uri:
+            result.report["mlflow_run_id"] = log_suite(result, files, args.tracking_uri)
+    elif args.tracking_uri:
         import tempfile
 
-        # MLflow gets its artifacts from files: without --output they are written to a scratch folder.
-        output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="ttt-eval-"))
-        files = write_suite(result, output)
-    if args.tracking_uri:
-        result.report["mlflow_run_id"] = log_suite(result, files, args.tracking_uri)
+        # MLflow gets its artifacts from files: without --output they pass through a scratch folder.
+        with tempfile.TemporaryDirectory(prefix="ttt-eval-") as scratch:
+            files = write_suite(result, Path(scratch))
+            result.report["mlflow_run_id"] = log_suite(result, files, args.tracking_uri)
+        del result.report["files"]  # uploaded to the run, gone from here
     print(json.dumps(result.report, indent=2))
     return 0
 

@@ -180,13 +180,13 @@ def generate(
         raise GenerateError(f"generate continues one prompt, got a batch of {rows.shape[0]}")
     state, logits = prefill(model, ttt, rows)
     generator = torch.Generator(device=logits.device).manual_seed(seed)
-    out: list[int] = []
+    out: list[torch.Tensor] = []
     for i in range(max_new_tokens):
         token = _choose(logits, greedy, temperature, top_k, generator)
-        out.append(int(token[0]))
+        out.append(token)
         if i + 1 < max_new_tokens:  # the last token's logits are never needed
             logits = step(state, token)
-    return out
+    return torch.cat(out).tolist() if out else []  # one copy to the host, not one per token
 
 
 def _choose(
@@ -304,8 +304,11 @@ def _token_column(state: StreamingState, token: int | torch.Tensor) -> torch.Ten
 
 
 def _check_vocabulary(cfg: ModelConfig, ids: torch.Tensor) -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
-        bad = int(ids.max()) if int(ids.max()) >= cfg.vocab_size else int(ids.min())
+    if not ids.numel():
+        return
+    low, high = torch.stack(ids.aminmax()).tolist()  # one device sync per call: this runs for every token
+    if low < 0 or high >= cfg.vocab_size:
+        bad = high if high >= cfg.vocab_size else low
         raise GenerateError(f"token id {bad} is outside the model's vocabulary of {cfg.vocab_size}")
 
 
@@ -314,15 +317,24 @@ def _check_vocabulary(cfg: ModelConfig, ids: torch.Tensor) -> None:
 
 def load_model(checkpoint: str, device: str = "auto") -> tuple[Transformer, JobConfig]:
     """The fp32 model of a checkpoint (file or run directory, local or s3://) and its job config."""
+    model, job, _ = load_checkpoint_model(checkpoint, device)
+    return model, job
+
+
+def load_checkpoint_model(
+    checkpoint: str, device: str = "auto", overrides: Sequence[str] = ()
+) -> tuple[Transformer, JobConfig, int]:
+    """The fp32 model of a checkpoint on `device`, its job config (with `overrides`) and its step; weights
+    that do not fit the config are one clear error."""
     from ttt.train.checkpoint import checkpoint_job, load_checkpoint
     from ttt.train.device import resolve_device
 
     payload = load_checkpoint(checkpoint)
-    job = checkpoint_job(payload)
+    job = checkpoint_job(payload, overrides)
     model = Transformer(job.model)
     check_weights_fit(model, payload["model"], checkpoint)
     model.load_state_dict(payload["model"])
-    return model.float().to(resolve_device(device)).eval(), job
+    return model.float().to(resolve_device(device)).eval(), job, payload["state"]["step"]
 
 
 def check_weights_fit(model: Transformer, weights: Mapping[str, torch.Tensor], where: str) -> None:

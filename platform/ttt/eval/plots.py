@@ -6,7 +6,6 @@ Built on `matplotlib.figure.Figure` with the Agg canvas (no pyplot state), like 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -78,9 +77,3 @@ def niah_heatmap(results: Mapping[str, NiahResult], title: str, scoring: str = "
         fig.colorbar(image, ax=axes.ravel().tolist()).set_label(label)
     fig.suptitle(title, fontsize=10)
     return fig
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path

@@ -32,7 +32,6 @@ from ttt.eval.niah import Generate, NiahResult
 
 if TYPE_CHECKING:
     from ttt.tracking.logger import Tracker
-from ttt.model.transformer import Transformer
 from ttt.model.ttt import MetaLearner
 
 
@@ -133,22 +132,14 @@ class LoadedCheckpoint:
 def load_for_eval(
     checkpoint: str, *, data: str | None = None, seq_len: int | None = None, device: str = "auto"
 ) -> LoadedCheckpoint:
-    from ttt.train.checkpoint import checkpoint_job, load_checkpoint
-    from ttt.train.device import autocast_for, resolve_device
+    from ttt.eval.generate import load_checkpoint_model
+    from ttt.train.device import autocast_for
 
-    payload = load_checkpoint(checkpoint)
     overrides = ([f"train.seq_len={seq_len}"] if seq_len else []) + ([f"data.path={data}"] if data else [])
-    job = checkpoint_job(payload, overrides)
-    target = resolve_device(device)
-    model = Transformer(job.model).to(target)
-    model.load_state_dict(payload["model"])
+    model, job, step = load_checkpoint_model(checkpoint, device, overrides)
+    target = model.embed.weight.device
     return LoadedCheckpoint(
-        checkpoint,
-        job,
-        MetaLearner(model, job.ttt),
-        payload["state"]["step"],
-        target,
-        autocast_for(target, job.train.precision),
+        checkpoint, job, MetaLearner(model, job.ttt), step, target, autocast_for(target, job.train.precision)
     )
 
 
@@ -186,22 +177,6 @@ def evaluate_loaded(loaded: LoadedCheckpoint, sequences: int = 256, batch_size: 
         report |= {"loss_no_ttt": static.loss, "loss_past_window_no_ttt": static.loss_past_window}
         curves["TTT off"] = static.loss_by_position
     return CheckpointEval(report, curves, window)
-
-
-def evaluate_checkpoint(
-    checkpoint: str,
-    *,
-    data: str | None = None,
-    seq_len: int | None = None,
-    sequences: int = 256,
-    batch_size: int = 8,
-    device: str = "auto",
-) -> CheckpointEval:
-    """Validation loss and loss by position of a checkpoint (file or run directory, local or s3://), on
-    its run's validation split or on `data`, at its training context or at `seq_len`; for a TTT model
-    also with test-time training switched off."""
-    loaded = load_for_eval(checkpoint, data=data, seq_len=seq_len, device=device)
-    return evaluate_loaded(loaded, sequences, batch_size)
 
 
 def parse_suite(text: str) -> tuple[str, ...]:
@@ -418,8 +393,8 @@ def _tokenizer_of(meta: dict, job: JobConfig) -> Tokenizer:
 def write_suite(result: SuiteResult, output: Path) -> dict[str, Path]:
     """report.json, and as the suite has them niah.csv, loss_by_position.png and niah_heatmap.png (likelihood
     scoring) / niah_heatmap_greedy.png (greedy scoring)."""
-    from ttt.eval.plots import niah_heatmap, save_png
-    from ttt.tracking.plots import loss_by_position_plot
+    from ttt.eval.plots import niah_heatmap
+    from ttt.tracking.plots import loss_by_position_plot, save_png
 
     output.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}

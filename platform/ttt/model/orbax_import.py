@@ -108,11 +108,6 @@ def _step_of(folder: Path) -> int | None:
     return int(folder.name) if folder.name.isdigit() else None
 
 
-def read_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Official dotted name → shape, from the checkpoint's metadata only (no array is read)."""
-    return _shapes(_metadata(weights), weights)
-
-
 def _metadata(weights: Path) -> Mapping[str, Any]:
     """The saved tree with an ArrayMetadata (shape, dtype) at every array."""
     ocp = _orbax()

@@ -36,17 +36,11 @@ from ttt.config import ConfigError, JobConfig, TrackingConfig
 from ttt.distributed.launcher import absolute_paths, local_only_ray
 from ttt.errors import UserError
 from ttt.storage import join, open_storage
-from ttt.sweep.spec import Expansion, SweepSpec, Trial, expand
+from ttt.sweep.spec import OBJECTIVE_METRICS, Expansion, SweepSpec, Trial, expand
 from ttt.tracking.logger import Tracker, default_tracking_uri, quiet_mlflow
 
-# What a trial's final report carries, in the order of the results table.
-FINAL_METRICS = (
-    "val/loss",
-    "val/loss_past_window",
-    "val/loss_no_ttt",
-    "val/loss_past_window_no_ttt",
-    "train/loss",
-)
+# What a trial's final report carries, in the order of the results table: every possible objective.
+FINAL_METRICS = tuple(OBJECTIVE_METRICS)
 # Early stopping needs the objective before the end: these are only measured by the final evaluation.
 END_ONLY = {"val/loss_no_ttt", "val/loss_past_window_no_ttt"}
 

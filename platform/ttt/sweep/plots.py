@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -17,6 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from ttt.tracking.plots import save_png  # noqa: F401  (part of this module's plotting API)
 
 WINDOW, MINI_BATCH = "model.window_size", "ttt.mini_batch_size"
 # More distinct values than this on an axis (a random search over a range) and cells would be mostly
@@ -232,12 +233,6 @@ def curves_figure(curves: Sequence[Curve], title: str, bins: int = 32) -> Figure
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
-
-
-def save_png(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def figure_texts(fig: Figure) -> list[str]:

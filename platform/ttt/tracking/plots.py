@@ -1,10 +1,15 @@
-"""The loss-by-position plot that lets a user compare TTT-E2E with its baseline at a glance."""
+"""Plots shared by training, evaluation and sweeps: the loss-by-position plot (TTT-E2E against its
+baseline at a glance) and the PNG writer every figure goes through."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def loss_by_position_plot(
@@ -35,4 +40,11 @@ def loss_by_position_plot(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Write a figure as PNG (the one resolution every plot of the platform uses), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     return path

@@ -101,9 +101,7 @@ class Checkpointer:
         shutil.rmtree(shards.parent, ignore_errors=True)
         model = engine.full_model_state()
         if engine.rank == 0:
-            buffer = io.BytesIO()
-            torch.save({"format": FORMAT, "model": model, **meta}, buffer)
-            self.storage.write_bytes(f"{FOLDER}/{tag(step)}/ttt.pt", buffer.getvalue())
+            self.storage.write_bytes(f"{FOLDER}/{tag(step)}/ttt.pt", encode({"model": model, **meta}))
         engine.barrier()  # every rank's shards are up
         if engine.rank == 0:
             files = self.storage.list(f"{FOLDER}/{tag(step)}")
