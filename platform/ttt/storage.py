@@ -3,7 +3,8 @@
 Writes are atomic: a local file is written beside its target and renamed over it (rename is atomic on one
 file system); an S3 object becomes visible only once its upload has completed. So a reader never sees a
 partial file. S3 credentials, region and endpoint come from the standard AWS variables (AWS_ENDPOINT_URL
-for S3-compatible stores); transient S3 errors are retried with exponential backoff by botocore.
+for S3-compatible stores); transient S3 errors are retried with exponential backoff by botocore
+(`retry_settings`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ from ttt.errors import UserError
 
 class StorageError(UserError):
     """A storage location cannot be used; the message says which and why."""
+
+
+def failures() -> tuple[type[BaseException], ...]:
+    """What a read or write that did not happen raises: the local disk (full, read-only, gone) or S3
+    (after botocore's retries: refused, timed out, throttled, a transfer cut off)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (OSError, StorageError, BotoCoreError, ClientError, Boto3Error)
 
 
 def open_storage(uri: str) -> Storage:
@@ -48,6 +58,14 @@ class Storage:
     def list(self, prefix: str = "") -> list[str]:
         """Names of the files directly under `prefix` (relative to it), sorted."""
         raise NotImplementedError
+
+    def list_recursive(self, prefix: str = "") -> list[str]:
+        """Paths of every file below `prefix` (relative to it), sorted."""
+        raise NotImplementedError
+
+    def local_path(self) -> Path | None:
+        """The directory on this machine, for local storage; None for object storage."""
+        return None
 
     def delete(self, name: str) -> None:
         raise NotImplementedError
@@ -110,6 +128,16 @@ class LocalStorage(Storage):
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.endswith(".partial"))
 
+    def list_recursive(self, prefix: str = "") -> list[str]:
+        folder = self._path(prefix)
+        if not folder.is_dir():
+            return []
+        files = (p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+        return sorted(str(p.relative_to(folder)) for p in files)
+
+    def local_path(self) -> Path | None:
+        return self.root
+
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
 
@@ -128,6 +156,18 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot write to '{self.root}': {exc.strerror or exc}") from None
 
 
+S3_ATTEMPTS = 10
+"""Attempts per S3 request unless AWS_MAX_ATTEMPTS says otherwise: with botocore's standard backoff
+(exponential with jitter, at most 20 s apart) an outage of about a minute is carried through."""
+
+
+def retry_settings() -> dict[str, Any]:
+    """botocore's own retries: its retry mode (standard unless AWS_RETRY_MODE says `adaptive`, which adds
+    client-side rate limiting for a throttling bucket) retries throttling, 5xx answers, timeouts and refused
+    connections; the attempt count is ours unless AWS_MAX_ATTEMPTS is set."""
+    return {} if os.environ.get("AWS_MAX_ATTEMPTS") else {"total_max_attempts": S3_ATTEMPTS}
+
+
 class S3Storage(Storage):
     def __init__(self, uri: str):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
@@ -144,9 +184,7 @@ class S3Storage(Storage):
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client(
-                "s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10)
-            )
+            self._client = boto3.client("s3", config=Config(retries=retry_settings(), connect_timeout=10))
         return self._client
 
     def _key(self, name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ttt.storage import LocalStorage, S3Storage, StorageError, open_storage
+from ttt.storage import S3_ATTEMPTS, LocalStorage, S3Storage, StorageError, open_storage
 
 
 def test_local_writes_are_atomic_and_listed_without_partials(tmp_path):
@@ -30,8 +30,16 @@ def test_s3_client_retries_transient_errors_with_backoff(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     storage = S3Storage("s3://bucket/runs/a")
     assert (storage.bucket, storage.prefix) == ("bucket", "runs/a")
     retries = storage.client.meta.config.retries
     assert retries["mode"] == "standard"  # exponential backoff with jitter on throttling, 5xx, timeouts
-    assert retries["total_max_attempts"] == 9  # botocore: 8 retries after the first attempt
+    assert retries["total_max_attempts"] == S3_ATTEMPTS == 10
+
+    # The standard AWS settings choose when they are set (botocore's own precedence, not ours).
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    retries = S3Storage("s3://bucket/runs/a").client.meta.config.retries
+    assert (retries["mode"], retries["total_max_attempts"]) == ("adaptive", 3)

@@ -6,7 +6,9 @@ Two layouts, one per engine:
 * DeepSpeed: `step-N/` with every rank's shards and `ttt.pt` (full weights, config, state), then the
   marker `step-N.complete`, written last by rank 0 once all uploads are done.
 Only `.pt` files and `.complete` markers are listed as checkpoints, so an upload cut off halfway is never
-loaded.
+loaded. A save that storage refuses (a full disk, S3 away beyond botocore's retries) raises
+`CheckpointNotWritten` on every rank and leaves nothing that counts; the trainer goes on and tries again
+at the next checkpoint step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from ttt.config import JobConfig
 from ttt.errors import UserError
-from ttt.storage import Storage, join, open_storage
+from ttt.storage import Storage, failures, join, open_storage
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})\.(pt|complete)$")
@@ -34,6 +36,17 @@ FORMAT = 1
 
 class CheckpointError(UserError):
     pass
+
+
+class CheckpointNotWritten(Exception):
+    def __init__(self, step: int, reason: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"checkpoint at step {step} not written ({reason})")
+
+
+def _why(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return text[:200]
 
 
 def checkpoint_name(step: int) -> str:
@@ -81,7 +94,10 @@ class Checkpointer:
     # -- single process ----------------------------------------------------------------------------
 
     def save(self, payload: dict, step: int) -> str:
-        self.storage.write_bytes(checkpoint_name(step), encode(payload))
+        try:
+            self.storage.write_bytes(checkpoint_name(step), encode(payload))  # atomic: all or nothing
+        except failures() as exc:
+            raise CheckpointNotWritten(step, _why(exc)) from None
         self._prune()
         return self.describe(Found(step, sharded=False))
 
@@ -95,19 +111,35 @@ class Checkpointer:
     # -- DeepSpeed (collective: every rank calls these) --------------------------------------------
 
     def save_sharded(self, engine, meta: dict, step: int) -> str:
+        folder = f"{FOLDER}/{tag(step)}"
+        why = None
         shards = engine.save_shards(tag(step))
-        for path in sorted(shards.iterdir()):
-            self.storage.upload(path, f"{FOLDER}/{tag(step)}/{path.name}")
-        shutil.rmtree(shards.parent, ignore_errors=True)
-        model = engine.full_model_state()
-        if engine.rank == 0:
-            self.storage.write_bytes(f"{FOLDER}/{tag(step)}/ttt.pt", encode({"model": model, **meta}))
-        engine.barrier()  # every rank's shards are up
-        if engine.rank == 0:
-            files = self.storage.list(f"{FOLDER}/{tag(step)}")
-            self.storage.write_bytes(f"{FOLDER}/{tag(step)}.complete", json.dumps({"files": files}).encode())
-            self._prune()
-        engine.barrier()
+        try:
+            for path in sorted(shards.iterdir()):
+                self.storage.upload(path, f"{folder}/{path.name}")
+        except failures() as exc:
+            why = _why(exc)
+        finally:
+            shutil.rmtree(shards.parent, ignore_errors=True)
+        model = engine.full_model_state()  # collective under ZeRO-3: every rank takes part
+        if engine.rank == 0 and why is None:
+            try:
+                self.storage.write_bytes(f"{folder}/ttt.pt", encode({"model": model, **meta}))
+            except failures() as exc:
+                why = _why(exc)
+        # Every rank's files are up, or none of this counts (the all-reduce is also the barrier).
+        if engine.all_true(why is None) and engine.rank == 0:
+            try:
+                files = self.storage.list(folder)
+                self.storage.write_bytes(f"{folder}.complete", json.dumps({"files": files}).encode())
+            except failures() as exc:
+                why = _why(exc)
+            else:
+                self._prune()
+        if not engine.all_true(why is None):
+            if engine.rank == 0:
+                self._remove_files(folder)
+            raise CheckpointNotWritten(step, why or "another rank could not upload its shards")
         return self.describe(Found(step, sharded=True))
 
     def load_sharded(self, engine, found: Found) -> dict:
@@ -130,14 +162,24 @@ class Checkpointer:
         return payload
 
     def _prune(self) -> None:
-        index = self.index()
-        for old in sorted(index)[: -self.keep]:
-            if index[old] == "pt":
-                self.storage.delete(checkpoint_name(old))
-            else:
-                self.storage.delete(f"{FOLDER}/{tag(old)}.complete")  # unmark first, then remove the files
-                for name in self.storage.list(f"{FOLDER}/{tag(old)}"):
-                    self.storage.delete(f"{FOLDER}/{tag(old)}/{name}")
+        try:
+            index = self.index()
+            for old in sorted(index)[: -self.keep]:
+                if index[old] == "pt":
+                    self.storage.delete(checkpoint_name(old))
+                else:
+                    # unmark first, then remove the files
+                    self.storage.delete(f"{FOLDER}/{tag(old)}.complete")
+                    self._remove_files(f"{FOLDER}/{tag(old)}")
+        except failures():
+            pass  # an old checkpoint too many for now: the next save prunes again
+
+    def _remove_files(self, folder: str) -> None:
+        try:
+            for name in self.storage.list(folder):
+                self.storage.delete(f"{folder}/{name}")
+        except failures():
+            pass  # never counted without its marker; pruned or overwritten later
 
 
 def encode(payload: dict) -> bytes:

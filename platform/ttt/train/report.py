@@ -4,18 +4,24 @@ Whoever watches a run without talking to its processes reads it: the Kubernetes 
 TTTJob's status (step, loss, tokens/s, last checkpoint, MLflow run), and a restarted attempt that found no
 checkpoint takes the MLflow run id from it, so that every attempt of a run logs to the same MLflow run.
 Writes are throttled (a storage round trip per step would cost on S3), except at checkpoints and the end.
+A write that storage refuses is reported once and tried again with the next report: it never stops a run.
+Under the operator, `attempt` says which attempt (`$TTT_ATTEMPT`) wrote the report, so that a `preempted`
+end is matched to its RayJob.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ttt.storage import Storage, StorageError
+from ttt.storage import Storage, StorageError, failures
 
 PROGRESS_FILE = "progress.json"
+ATTEMPT_ENV = "TTT_ATTEMPT"
 
 
 def read_progress(storage: Storage) -> dict[str, Any] | None:
@@ -35,7 +41,10 @@ class ProgressReport:
         self.every_s = every_s
         self.enabled = enabled
         self.data: dict[str, Any] = {"state": "starting", "step": 0, "total_steps": total_steps}
+        if os.environ.get(ATTEMPT_ENV, "").isdigit():
+            self.data["attempt"] = int(os.environ[ATTEMPT_ENV])
         self._written = float("-inf")
+        self._failing = False
 
     def start(self, step: int, mlflow_run_id: str | None, tracking_uri: str, checkpoint: dict | None) -> None:
         self.data.update(state="running", step=step, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
@@ -66,5 +75,19 @@ class ProgressReport:
         if not self.enabled:
             return
         self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.storage.write_bytes(PROGRESS_FILE, json.dumps(self.data, indent=1).encode())
         self._written = time.monotonic()
+        try:
+            self.storage.write_bytes(PROGRESS_FILE, json.dumps(self.data, indent=1).encode())
+        except failures() as exc:
+            if not self._failing:
+                print(
+                    f"ttt: cannot write {self.storage.describe(PROGRESS_FILE)} "
+                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); training goes on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._failing = True
+        else:
+            if self._failing:
+                print(f"ttt: {self.storage.describe(PROGRESS_FILE)} is written again", file=sys.stderr)
+            self._failing = False
