@@ -116,11 +116,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         result = Trainer(job, name, progress=not args.no_progress).fit()
     print(format_result(result))
+    if result.preempted:
+        from ttt.train.preemption import EXIT_PREEMPTED
+
+        return EXIT_PREEMPTED
+    return 0
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from ttt.tracking.delivery import sync_run
+
+    print(json.dumps(sync_run(args.run_dir, args.tracking_uri), indent=2))
     return 0
 
 
 def format_result(result) -> str:
-    lines = [f"run {result.run_name}: {result.steps} steps in {result.train_seconds:.0f} s"]
+    stopped = " (stopped on request: train it again to continue)" if result.preempted else ""
+    lines = [f"run {result.run_name}: {result.steps} steps in {result.train_seconds:.0f} s{stopped}"]
     if result.final_eval:
         ev = result.final_eval
         past = f", past the window {ev.loss_past_window:.4f}" if ev.loss_past_window is not None else ""
@@ -255,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a field, e.g. --set ttt.mini_batch_size=512 (repeatable)",
         )
 
-    p = sub.add_parser("train", help="train a recipe, preset or YAML config (resumes a run of the same name)")
+    p = sub.add_parser(
+        "train",
+        help="train a recipe, preset or YAML config (resumes a run of the same name); exits 75 when "
+        "stopped by SIGTERM/SIGINT after a checkpoint",
+    )
     p.add_argument("source", help="recipe (see `ttt recipes`), preset, or path to a YAML config")
     overrides(p)
     p.add_argument("--run-name", help="name of the run and its directory (default: <recipe>-<time>)")
@@ -264,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (default 2 with several workers)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "sync", help="deliver what a run's MLflow journal still holds (records kept while MLflow was away)"
+    )
+    p.add_argument("run_dir", help="run directory, local or s3://")
+    p.add_argument("--tracking-uri", help="the run's MLflow server seen from here (default: the one it used)")
+    p.set_defaults(func=_cmd_sync)
 
     p = sub.add_parser("eval", help="validation loss, loss by position and S-NIAH retrieval of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file (.pt) or run directory, local or s3://")

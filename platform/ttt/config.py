@@ -175,6 +175,13 @@ class TrainConfig:
     peak_tflops: float | None = Field(
         None, gt=0, description="Accelerator peak for MFU; None: looked up from the GPU name."
     )
+    stop_grace_s: float = Field(
+        25.0,
+        gt=0,
+        description="What a stop request (SIGTERM, SIGINT, a pod's preStop hook) may take after the step "
+        "in flight: the checkpoint, then MLflow delivery; what MLflow has not taken by then stays in the "
+        "run's journal. The operator derives it from spec.terminationGracePeriodSeconds.",
+    )
 
 
 @dataclass(config=_SECTION, frozen=True)
@@ -257,6 +264,13 @@ class TrackingConfig:
     tags: dict[str, str] = Field(
         default_factory=dict,
         description="Extra tags on the MLflow run (a sweep's trials: ttt.sweep, ttt.trial).",
+    )
+    flush_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="At the end of a run, how long to wait for an unreachable MLflow server to take the "
+        "records still queued; the rest stays in <run dir>/mlflow-journal/ for `ttt sync` or the next "
+        "attempt.",
     )
 
 

@@ -101,6 +101,14 @@ class DeepSpeedEngine:
     def mean(self, value: float) -> float:
         return float(self.all_reduce_sum(torch.tensor([value], dtype=torch.float64))[0]) / self.world_size
 
+    def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
+        total, flags = self.all_reduce_sum(torch.tensor([value, float(flag)], dtype=torch.float64)).tolist()
+        return total / self.world_size, flags > 0
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether every rank says yes (a checkpoint counts only if every rank wrote its part)."""
+        return float(self.all_reduce_sum(torch.tensor([float(not flag)], dtype=torch.float64))[0]) == 0
+
     def full_model_state(self) -> dict:
         """The unsharded model weights (collective under ZeRO-3: every rank must call it)."""
         if self.stage == 3:

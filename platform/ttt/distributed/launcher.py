@@ -3,7 +3,8 @@
 Locally it starts a Ray cluster on this machine; inside a KubeRay RayJob (`scale.ray_address: auto`) it
 joins the existing one. Worker failures restart the whole worker group (up to `scale.max_failures`), and
 the restarted trainers resume from the newest complete checkpoint in the run directory, in the same MLflow
-run. Rank 0 alone logs to MLflow and prints progress.
+run. Rank 0 alone logs to MLflow and prints progress. A SIGTERM or SIGINT to the driver (or its pod's
+preStop) asks the workers to stop after a checkpoint (ttt.train.preemption).
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import dataclasses
 import json
 import os
 import tempfile
+import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ttt.config import JobConfig, ScaleConfig
 from ttt.data.streams import BUNDLED
 from ttt.errors import UserError
 from ttt.eval.position import EvalResult
+from ttt.storage import join, open_storage
 from ttt.tracking.logger import default_tracking_uri
+from ttt.train.preemption import forward_to_workers
 from ttt.train.trainer import InjectedFailure, RunResult, Trainer
 
 RESULT_FILE = "ttt-result.json"
@@ -107,6 +114,7 @@ def _worker(config: dict) -> None:
         rank=rank,
         world_size=context.get_world_size(),
         progress=config["progress"],
+        stop_token=config["stop_token"],
         # Ray Train hears of each complete checkpoint; the checkpoint itself stays in the run directory,
         # where a restarted trainer finds the newest complete one.
         on_checkpoint=lambda step, uri: _report({"step": step}, {"checkpoint": uri, "step": step}, rank),
@@ -118,6 +126,26 @@ def _worker(config: dict) -> None:
         os._exit(1)  # a dead process, as after a node loss, not a Python exception
     # Ray Train keeps reported metrics only alongside a checkpoint: the run's summary travels as one.
     _report({"steps": result.steps}, {"result": dataclasses.asdict(result)}, rank)
+
+
+def _in_thread(fit: Callable[[], Any]) -> Any:
+    """Ray Train's fit() takes SIGINT for an abort when it runs in the main thread; run there, it would
+    kill the workers before their checkpoint. In a thread it leaves the signals to us."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fit()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="ttt-ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # the main thread stays free to take signals
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
@@ -133,9 +161,11 @@ def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
     check_placement(job.scale)
     use_gpu = job.scale.gpus_per_worker > 0
     ray_dir = job.storage.root.rstrip("/") + "/_ray"
+    token = uuid.uuid4().hex[:16]  # names this driver's stop marker: an older driver's cannot stop this one
+    config = {"job": job.to_dict(), "run_name": run_name, "progress": progress, "stop_token": token}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"job": job.to_dict(), "run_name": run_name, "progress": progress},
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=job.scale.workers, use_gpu=use_gpu, resources_per_worker=worker_resources(job.scale)
         ),
@@ -147,7 +177,8 @@ def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
         ),
     )
     try:
-        outcome = trainer.fit()
+        with forward_to_workers(open_storage(join(job.storage.root, run_name)), token):
+            outcome = _in_thread(trainer.fit)
     except Exception as exc:
         raise UserError(f"distributed run {run_name} failed: {str(exc).splitlines()[0]}") from None
     if outcome.checkpoint is None:

@@ -58,6 +58,13 @@ class LocalEngine:
     def mean(self, value: float) -> float:
         return value
 
+    def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
+        """The step's loss averaged over ranks, and whether any rank raised `flag` (one all-reduce)."""
+        return value, flag
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 

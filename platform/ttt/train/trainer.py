@@ -31,9 +31,17 @@ from ttt.model.ttt import MetaLearner, inner_lr_at
 from ttt.storage import join, open_storage
 from ttt.tracking.logger import CURVE_ARTIFACT, Tracker
 from ttt.tracking.plots import loss_by_position_plot
-from ttt.train.checkpoint import Checkpointer, CheckpointError, load_checkpoint, rng_state, set_rng_state
+from ttt.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointNotWritten,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from ttt.train.device import autocast_for, peak_flops, resolve_device, uses_bf16
 from ttt.train.engine import LocalEngine, NonFiniteGradient
+from ttt.train.preemption import StopRequest, running_in_pod, signals_request_stop, stop_marker
 from ttt.train.report import ProgressReport, read_progress
 
 
@@ -67,6 +75,8 @@ class RunResult:
     final_eval_no_ttt: EvalResult | None
     train_seconds: float
     plot: str | None
+    preempted: bool = False
+    """Stopped on request after a checkpoint (the CLI exits with EXIT_PREEMPTED); not finished."""
 
 
 def variant_label(job: JobConfig) -> str:
@@ -96,10 +106,15 @@ class Trainer:
         progress: bool = True,
         on_checkpoint: Callable[[int, str], None] | None = None,
         on_metrics: Callable[[dict[str, float], int], None] | None = None,
+        stop_token: str | None = None,
     ):
         """`on_checkpoint(step, uri)` runs on every rank after each complete checkpoint (Ray Train hears
         of checkpoints through it). `on_metrics(metrics, step)` runs on every rank after each step's
-        training metrics and each periodic evaluation (a sweep's early stopping watches them)."""
+        training metrics and each periodic evaluation (a sweep's early stopping watches them).
+        `stop_token` names the run directory's marker by which a distributed run's driver asks its
+        workers to stop (see ttt.train.preemption)."""
+        self.stop_token = stop_token
+        self.stopped = False
         self.on_checkpoint = on_checkpoint
         self.on_metrics = on_metrics
         self.job = job
@@ -167,7 +182,7 @@ class Trainer:
             state = TrainState(**payload["state"])
             last_checkpoint = checkpointer.describe(latest)
 
-        tracker = Tracker(job.tracking, job.storage.root, enabled=self.rank == 0)
+        tracker = self.tracker = Tracker(job.tracking, job.storage.root, enabled=self.rank == 0)
         report = self.report = ProgressReport(
             storage, cfg.total_steps, cfg.report_every_s, enabled=self.rank == 0
         )
@@ -186,43 +201,38 @@ class Trainer:
                 "ttt.run_dir": storage.uri,
                 "ttt.kernels": kernels_label(job.model, device, uses_bf16(device, cfg.precision)),
             },
+            run_dir=storage,
         )
-        if self.rank == 0:
-            storage.write_bytes("config.yaml", to_yaml(job).encode())
-        tracker.log_text(to_yaml(job), "config.yaml")
-        report.start(
-            state.step, state.mlflow_run_id, tracker.uri, self._checkpoint_info(state.step, last_checkpoint)
-        )
-
-        def save() -> str:
-            meta = {"state": dataclasses.asdict(state), "rng": rng_state(), "config": job.to_dict()}
-            if engine.sharded_checkpoints:
-                uri = checkpointer.save_sharded(engine, meta, state.step)
-            else:
-                uri = checkpointer.save({**engine.state_dict(), **meta}, state.step)
-            tracker.set_tags({"ttt.checkpoint": uri})
-            report.checkpoint(state.step, uri)
-            if self.on_checkpoint:
-                self.on_checkpoint(state.step, uri)
-            return uri
-
+        stop = self._stop_request(storage)
         start = time.perf_counter()
         try:
-            last_checkpoint = self._loop(
-                engine, train, val, state, tracker, autocast, device, save, last_checkpoint
-            )
-            train_seconds = time.perf_counter() - start
-            final, final_no_ttt, plot = self._final_eval(engine, val, device, autocast, state, tracker)
-        except (KeyboardInterrupt, SystemExit):  # stopped from outside (Ctrl-C, a sweep's scheduler)
-            tracker.end("KILLED")
+            with signals_request_stop(stop), running_in_pod():
+                # Read now, while the server is known to answer: the plot at the end needs no MLflow call.
+                baseline_id = job.tracking.baseline_run_id
+                baseline = tracker.curve_of(baseline_id) if baseline_id else None
+                if self.rank == 0:
+                    storage.write_bytes("config.yaml", to_yaml(job).encode())
+                tracker.log_text(to_yaml(job), "config.yaml")
+                known = self._checkpoint_info(state.step, last_checkpoint)
+                report.start(state.step, state.mlflow_run_id, tracker.uri, known)
+                checkpoints = _Checkpoints(self, checkpointer, engine, state, job, last_checkpoint)
+                self._loop(engine, train, val, state, autocast, device, checkpoints, stop)
+                train_seconds = time.perf_counter() - start
+                if self.stopped:
+                    return self._preempted(state, checkpoints.last, stop, train_seconds)
+                final, final_no_ttt, plot = self._final_eval(engine, val, device, autocast, state, baseline)
+        except (KeyboardInterrupt, SystemExit):  # stopped at once (a second signal, a sweep's scheduler)
+            tracker.end("KILLED", timeout=5.0)
             self._finish_report("killed", "stopped")
             raise
         except BaseException as exc:
             tracker.end("FAILED")
             self._finish_report("failed", f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            stop.close()
         tracker.log_text(
-            json.dumps({"latest": last_checkpoint, "run_dir": storage.uri}, indent=2), "checkpoints.json"
+            json.dumps({"latest": checkpoints.last, "run_dir": storage.uri}, indent=2), "checkpoints.json"
         )
         result = RunResult(
             run_name=self.run_name,
@@ -230,7 +240,7 @@ class Trainer:
             mlflow_run_id=state.mlflow_run_id,
             tracking_uri=tracker.uri,
             steps=state.step,
-            last_checkpoint=last_checkpoint,
+            last_checkpoint=checkpoints.last,
             final_eval=final,
             final_eval_no_ttt=final_no_ttt,
             train_seconds=train_seconds,
@@ -239,6 +249,41 @@ class Trainer:
         tracker.end("FINISHED")
         report.finish("succeeded")
         return result
+
+    def _stop_request(self, storage) -> StopRequest:
+        """Signals and the pod's preStop reach every rank; the driver of a distributed run asks through a
+        marker in the run directory, which rank 0 looks for (the ranks agree in the step's all-reduce)."""
+        stop = StopRequest()
+        if self.stop_token and self.rank == 0:
+            marker = stop_marker(self.stop_token)
+            stop.watch(lambda: storage.exists(marker), 1.0, "the driver was asked to stop")
+        return stop
+
+    def _preempted(self, state: TrainState, last: str | None, stop: StopRequest, seconds: float) -> RunResult:
+        """The end of a run stopped on request: its checkpoint is written; MLflow gets what is left of the
+        grace period, the journal keeps the rest; the next attempt continues the same MLflow run."""
+        grace = self.job.train.stop_grace_s
+        self.tracker.set_tags({"ttt.stopped": f"{stop.reason} after step {state.step}"})
+        self.tracker.end("KILLED", timeout=max(stop.remaining(grace) - 2.0, 0.0))
+        took = stop.elapsed()
+        message = f"stopped after step {state.step} ({stop.reason}) in {took:.1f} s; checkpoint: {last}"
+        self.report.data["stop_seconds"] = round(took, 2)
+        self._finish_report("preempted", message)
+        if self.progress:
+            print(f"ttt: {message}", file=sys.stderr, flush=True)
+        return RunResult(
+            run_name=self.run_name,
+            run_dir=self.storage.uri,
+            mlflow_run_id=state.mlflow_run_id,
+            tracking_uri=self.tracker.uri,
+            steps=state.step,
+            last_checkpoint=last,
+            final_eval=None,
+            final_eval_no_ttt=None,
+            train_seconds=seconds,
+            plot=None,
+            preempted=True,
+        )
 
     @staticmethod
     def _checkpoint_info(step: int, uri: str | None) -> dict | None:
@@ -270,8 +315,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    def _loop(self, engine, train, val, state, tracker, autocast, device, save, last):
-        job, cfg = self.job, self.job.train
+    def _loop(self, engine, train, val, state, autocast, device, checkpoints, stop) -> None:
+        job, cfg, tracker = self.job, self.job.train, self.tracker
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
         micro = train.local_batch // cfg.grad_accum_steps
         flops = flops_per_token(job.model, cfg.seq_len, job.ttt.enabled, job.ttt.checkpoint).train
@@ -287,12 +332,12 @@ class Trainer:
                 inputs, targets = (t.to(device) for t in split_tokens(part, job.model.vocab_size))
                 with autocast():
                     loss += engine.micro_step(inputs, targets, step, last=index == len(parts) - 1)
-            loss = engine.mean(loss / len(parts))  # the same value on every rank: they stop together
+            # The same loss on every rank, and a stop request of any rank reaches all: they stop together.
+            loss, stopping = engine.mean_and_any(loss / len(parts), stop.requested())
             if not math.isfinite(loss):
                 engine.discard_gradients()
-                where = (
-                    last if state.step == 0 else save()
-                )  # the weights are still those of the last good step
+                # the weights are still those of the last good step
+                where = checkpoints.last if state.step == 0 else checkpoints.save() or checkpoints.last
                 raise DivergedError(
                     f"loss {loss} at step {step}: training stopped; last good checkpoint: {where}"
                 )
@@ -300,7 +345,8 @@ class Trainer:
             try:
                 grad_norm = engine.apply()
             except NonFiniteGradient as exc:
-                where = last if state.step == 0 or engine.sharded_checkpoints else save()
+                unchanged = state.step == 0 or engine.sharded_checkpoints
+                where = checkpoints.last if unchanged else checkpoints.save() or checkpoints.last
                 raise DivergedError(
                     f"{exc} at step {step}: training stopped; last good checkpoint: {where}"
                 ) from None
@@ -325,6 +371,10 @@ class Trainer:
             progress.update(loss, tokens_per_step / seconds)
             self.report.step(state.step, loss, tokens_per_step / seconds)
             done = state.step == cfg.total_steps
+            if stopping:  # no evaluation now: the grace period is for the checkpoint
+                checkpoints.save()
+                self.stopped = True
+                break
             if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
                 result = self._evaluate(engine, val, job.ttt, device, autocast)
                 val_metrics = {"val/loss": result.loss, "val/loss_past_window": result.loss_past_window}
@@ -333,9 +383,8 @@ class Trainer:
                     self.on_metrics(val_metrics, step)
                 tracker.log_text(json.dumps(result.to_dict()), f"eval/step-{step:08d}/loss_by_position.json")
             if state.step % cfg.checkpoint_every == 0 or done:
-                last = save()
+                checkpoints.save(final=done)
         progress.close()
-        return last
 
     def _inject_failure(self, step: int) -> None:
         """Fail once per run (a marker in the run directory), so that the restarted run gets past it."""
@@ -351,8 +400,8 @@ class Trainer:
             engine.learner, val, ttt, self.job.model.window_size, device, autocast, engine.all_reduce_sum
         )
 
-    def _final_eval(self, engine, val, device, autocast, state, tracker):
-        job = self.job
+    def _final_eval(self, engine, val, device, autocast, state, baseline):
+        job, tracker = self.job, self.tracker
         step = max(state.step - 1, 0)
         final, no_ttt = evaluate_with_and_without_ttt(
             engine.learner, val, job.model.window_size, device, autocast, engine.all_reduce_sum
@@ -367,7 +416,7 @@ class Trainer:
             curves[f"{self.run_name}, TTT off at eval"] = no_ttt.loss_by_position
         tracker.log_metrics(metrics, step)
         self.report.final_metrics(metrics)
-        if job.tracking.baseline_run_id and (baseline := tracker.curve_of(job.tracking.baseline_run_id)):
+        if baseline:
             curves[f"{baseline[0]} (baseline)"] = baseline[1]
         if not tracker.run_id:
             return final, no_ttt, None
@@ -387,6 +436,55 @@ class Trainer:
         plot = loss_by_position_plot(curves, job.model.window_size, plot_dir / "loss_by_position.png", title)
         tracker.log_artifact(plot, "eval")
         return final, no_ttt, f"eval/{plot.name}"
+
+
+class _Checkpoints:
+    """The run's checkpoints as the loop writes them. A checkpoint that storage refuses (a full disk, S3
+    away beyond botocore's retries) leaves nothing that counts: a warning, and the next checkpoint step
+    tries again. Only the last one must be written, or the run would end without its weights."""
+
+    def __init__(self, trainer: Trainer, checkpointer, engine, state: TrainState, job: JobConfig, last):
+        self.trainer, self.checkpointer, self.engine, self.state, self.job = (
+            trainer,
+            checkpointer,
+            engine,
+            state,
+            job,
+        )
+        self.last: str | None = last
+        """The newest complete checkpoint."""
+
+    def save(self, final: bool = False) -> str | None:
+        state, job, engine, trainer = self.state, self.job, self.engine, self.trainer
+        meta = {"state": dataclasses.asdict(state), "rng": rng_state(), "config": job.to_dict()}
+        try:
+            if engine.sharded_checkpoints:
+                uri = self.checkpointer.save_sharded(engine, meta, state.step)
+            else:
+                uri = self.checkpointer.save({**engine.state_dict(), **meta}, state.step)
+        except CheckpointNotWritten as exc:
+            if final:
+                raise CheckpointError(
+                    f"the final checkpoint (step {exc.step}) could not be written ({exc.reason}); the newest "
+                    f"complete one is {self.last}: train the run again to resume from it"
+                ) from None
+            if trainer.rank == 0:
+                every, total = job.train.checkpoint_every, job.train.total_steps
+                retry = min((state.step // every + 1) * every, total)
+                print(
+                    f"ttt: {exc}; training goes on and step {retry} tries again (newest complete "
+                    f"checkpoint: {self.last})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return None
+        self.last = uri
+        trainer.tracker.set_tags({"ttt.checkpoint": uri})
+        trainer.tracker.checkpoint()
+        trainer.report.checkpoint(state.step, uri)
+        if trainer.on_checkpoint:
+            trainer.on_checkpoint(state.step, uri)
+        return uri
 
 
 class _Progress:
