@@ -15,6 +15,8 @@ from typing import Any
 from ttt import config as cfgmod
 from ttt.jobspec import SpecError, job_config, spec_field
 from ttt.storage import join
+from ttt.train.preemption import STOP_DIR_ENV, prestop_command
+from ttt.train.report import ATTEMPT_ENV
 from ttt_operator.settings import Settings
 
 GROUP = "ttt.dev"
@@ -25,6 +27,11 @@ LABEL_JOB = "ttt.dev/job"
 LABEL_ATTEMPT = "ttt.dev/attempt"
 CONFIG_DIR = "/etc/ttt"
 CONFIG_FILE = "job.yaml"
+STOP_DIR = "/run/ttt-stop"
+"""Where a Ray pod's preStop hook asks its training processes to stop (an emptyDir of its own)."""
+DEFAULT_GRACE_S = 30
+STOP_MARGIN_S = 5
+"""Of the pod's grace period, what the trainer leaves for its own exit and Ray's teardown."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
     if stage is not None:
         data["scale"]["zero_stage"] = stage
     data["train"]["device"] = "cuda" if gpus else "cpu"
+    data["train"]["stop_grace_s"] = grace_seconds(spec) - STOP_MARGIN_S
     mlflow = spec.get("mlflow") or {}
     data["storage"]["root"] = storage_root(spec, settings)
     data["tracking"].update(
@@ -125,6 +133,10 @@ def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
         return cfgmod.JobConfig.from_dict(data)
     except cfgmod.ConfigError as exc:
         raise SpecError(spec_field(exc.field), exc.message) from None
+
+
+def grace_seconds(spec: dict[str, Any]) -> int:
+    return int(spec.get("terminationGracePeriodSeconds") or DEFAULT_GRACE_S)
 
 
 # -- manifests --------------------------------------------------------------------------------------
@@ -175,8 +187,14 @@ def entrypoint(cfg: cfgmod.JobConfig) -> str:
     )
 
 
-def _env(settings: Settings, gpus: bool) -> tuple[list[dict], list[dict]]:
-    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+def _env(settings: Settings, gpus: bool, attempt: int) -> tuple[list[dict], list[dict]]:
+    env = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # The run's progress.json names its attempt (so a preempted end is matched to this RayJob), and
+        # the preStop hook reaches the training processes through STOP_DIR.
+        {"name": ATTEMPT_ENV, "value": str(attempt)},
+        {"name": STOP_DIR_ENV, "value": STOP_DIR},
+    ]
     if not gpus:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})  # DeepSpeed would look for CUDA
     if settings.s3_endpoint_url:
@@ -193,10 +211,12 @@ def _volumes(attempt_cm: str, shape: Layout, settings: Settings, root: str) -> t
         {"name": "job-config", "configMap": {"name": attempt_cm}},
         # /dev/shm is 64Mi in a container by default: too small for NCCL and data loader workers.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shared_memory}},
+        {"name": "stop", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
     ]
     mounts = [
         {"name": "job-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "stop", "mountPath": STOP_DIR},
     ]
     if settings.runs_pvc and not root.startswith("s3://"):
         volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": settings.runs_pvc}})
@@ -205,17 +225,22 @@ def _volumes(attempt_cm: str, shape: Layout, settings: Settings, root: str) -> t
 
 
 def _pod_template(
-    job: dict, name: str, resources: dict, settings: Settings, shape: Layout, root: str, cm: str
+    job: dict, name: str, resources: dict, settings: Settings, shape: Layout, root: str, attempt: int
 ) -> dict[str, Any]:
     spec = job["spec"]
-    env, env_from = _env(settings, shape.gpus_per_node > 0)
+    cm = attempt_name(job["metadata"]["name"], attempt)
+    env, env_from = _env(settings, shape.gpus_per_node > 0, attempt)
     volumes, mounts = _volumes(cm, shape, settings, root)
+    grace = grace_seconds(spec)
     container: dict[str, Any] = {
         "name": name,
         "image": spec.get("image") or settings.default_image,
         "resources": {"requests": resources, "limits": resources},
         "env": env,
         "volumeMounts": mounts,
+        # Preemption, eviction, drain or deletion: the hook asks the pod's training processes to stop
+        # after a checkpoint and waits for them (Kubernetes sends SIGTERM to Ray only after it).
+        "lifecycle": {"preStop": {"exec": {"command": prestop_command(STOP_DIR, grace - 2)}}},
     }
     if env_from:
         container["envFrom"] = env_from
@@ -223,7 +248,7 @@ def _pod_template(
         container["imagePullPolicy"] = spec["imagePullPolicy"]
     return {
         "metadata": {"labels": {LABEL_JOB: job["metadata"]["name"]}},
-        "spec": {"containers": [container], "volumes": volumes},
+        "spec": {"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": grace},
     }
 
 
@@ -231,7 +256,6 @@ def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: 
     spec = job["spec"]
     shape = layout(spec)
     root = storage_root(spec, settings)
-    cm = attempt_name(job["metadata"]["name"], attempt)
     worker_res = {"cpu": shape.cpu, "memory": shape.memory}
     if shape.gpus_per_node:
         worker_res["nvidia.com/gpu"] = str(shape.gpus_per_node)
@@ -253,7 +277,7 @@ def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: 
                 "headGroupSpec": {
                     # The head runs the driver only: no training worker may land there.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod_template(job, "ray-head", head_res, settings, shape, root, cm),
+                    "template": _pod_template(job, "ray-head", head_res, settings, shape, root, attempt),
                 },
                 "workerGroupSpecs": [
                     {
@@ -262,7 +286,9 @@ def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: 
                         "minReplicas": shape.nodes,
                         "maxReplicas": shape.nodes,
                         "rayStartParams": {},
-                        "template": _pod_template(job, "ray-worker", worker_res, settings, shape, root, cm),
+                        "template": _pod_template(
+                            job, "ray-worker", worker_res, settings, shape, root, attempt
+                        ),
                     }
                 ],
             },

@@ -4,6 +4,10 @@
 The RayJobs a TTTJob owns (labelled with their attempt number) are the record: failed attempts are counted
 from them, the newest one is followed, and a new attempt is created only when the newest one failed within
 the backoff limit, or when there is none (first start, resume after suspend, RayJob deleted by hand).
+An attempt whose run reported that it was stopped on request after a checkpoint (preemption, eviction,
+node drain: `state: preempted` in its progress.json, written by that attempt) failed as a RayJob but is
+recorded in `status.preemptedAttempts` instead, retried with reason `Preempted` and not counted against
+backoffLimit.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ttt_operator.builders import LABEL_ATTEMPT, SpecError, attempt_name, by_ind
 from ttt_operator.status import (
     FAILED,
     PENDING,
+    PREEMPTED,
     RUNNING,
     SUCCEEDED,
     SUSPENDED,
@@ -61,7 +66,10 @@ def plan(
     attempt = max(int(old.get("attempt") or 0), max(rayjobs, default=0))
     current = rayjobs.get(attempt)
     result = outcome(current) if current else None
-    failed = sum(outcome(rj) is Outcome.FAILED for rj in rayjobs.values())
+    preempted = set(old.get("preemptedAttempts") or [])
+    if result is Outcome.FAILED and was_preempted(report, attempt):
+        preempted.add(attempt)
+    failed = sum(outcome(rj) is Outcome.FAILED and n not in preempted for n, rj in rayjobs.items())
     out = Plan()
 
     if result is Outcome.SUCCEEDED:
@@ -83,7 +91,11 @@ def plan(
             attempt += 1
             out.create = attempt
             phase, message = PENDING, f"RayJob {attempt_name(name, attempt)} created"
-            if result is Outcome.FAILED:
+            if attempt - 1 in preempted:
+                reason = PREEMPTED
+                message = f"attempt {attempt - 1} was {report.get('message', 'stopped')}; {message}"
+                message += " (a preemption is not counted against backoffLimit)"
+            elif result is Outcome.FAILED:
                 reason = "Retrying"
                 out.events.append(("Warning", "AttemptFailed", failure_message(current)))
                 message += f" (retry {failed} of {limit})"
@@ -113,6 +125,7 @@ def plan(
         "observedGeneration": generation,
         "attempt": attempt,
         "failedAttempts": failed,
+        "preemptedAttempts": sorted(preempted) or None,
         "rayJobName": attempt_name(name, attempt) if attempt else None,
         "runName": run[0],
         "storagePath": run[1],
@@ -131,6 +144,11 @@ def plan(
         }
     out.status = status
     return out
+
+
+def was_preempted(report: dict[str, Any] | None, attempt: int) -> bool:
+    """The run says that this attempt stopped on request after writing its checkpoint."""
+    return bool(report) and report.get("state") == "preempted" and report.get("attempt") == attempt
 
 
 def blocked(

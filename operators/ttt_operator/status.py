@@ -13,6 +13,8 @@ from typing import Any
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 TERMINAL = (SUCCEEDED, FAILED)
+PREEMPTED = "Preempted"
+"""The condition reason of an attempt stopped on request after its checkpoint (preemption, eviction)."""
 CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed", "Suspended")
 
 
@@ -87,16 +89,22 @@ def phase_conditions(
     now: str,
     rayjob: str | None,
 ) -> list[dict[str, Any]]:
-    """Created: whether the current attempt's RayJob exists; of the others, the phase's alone is True."""
+    """Created: whether the current attempt's RayJob exists; of the others, the phase's alone is True.
+    A condition that is already False keeps the reason it turned False for: a preempted attempt turns
+    Running False with reason Preempted (not a failure: Failed stays False) until the next one runs."""
     if rayjob:
         created = (True, "RayJobCreated", f"RayJob {rayjob} holds the current attempt")
     else:
         created = (False, reason, message)
     out = set_condition(conditions, "Created", *created, generation, now)
     for kind in ("Running", "Succeeded", "Failed", "Suspended"):
-        true = kind == phase
-        if true or any(c.get("type") == kind for c in out):
-            out = set_condition(out, kind, true, reason if true else f"Not{kind}", message, generation, now)
+        old = next((c for c in out if c.get("type") == kind), None)
+        if kind == phase or (kind == "Running" and reason == PREEMPTED):
+            out = set_condition(out, kind, kind == phase, reason, message, generation, now)
+        elif old is not None:
+            was_false = old.get("status") == "False"
+            why = (old.get("reason", f"Not{kind}"), old.get("message", message)) if was_false else None
+            out = set_condition(out, kind, False, *(why or (f"Not{kind}", message)), generation, now)
     return out
 
 
