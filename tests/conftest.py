@@ -4,16 +4,13 @@ integration and Kubernetes tests)."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tests.helpers import GOLDEN
-from tests.integration.services import BIN, free_port, stop, wait_for
+from tests.integration.faults import MlflowServer
 from ttt.config import JobConfig
 from ttt.model import official
 from ttt.model.transformer import Transformer
@@ -52,32 +49,9 @@ def golden_tokens(golden) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{base / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(base / "artifacts"),
-    ]
-    shm = Path("/dev/shm")
-    before = set(shm.iterdir()) if shm.is_dir() else set()
-    with open(base / "server.log", "wb") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            wait_for(f"http://127.0.0.1:{port}/health", proc, seconds=90)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop(proc)
-            # The server keeps its job queue in a temporary folder under /dev/shm and leaves it there.
-            for folder in (set(shm.iterdir()) - before) if shm.is_dir() else ():
-                if any(p.name.endswith(".mlflow-huey-store") for p in folder.iterdir()):
-                    shutil.rmtree(folder, ignore_errors=True)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()

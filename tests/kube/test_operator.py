@@ -243,6 +243,46 @@ def test_status_progress_retry_and_restart(k, cluster):
     assert reasons.count("AttemptFailed") == reasons.count("Retrying") == 1, reasons  # not again on restart
 
 
+def test_a_preempted_attempt_is_retried_even_with_backoff_limit_zero(k, monkeypatch):
+    k("apply", "-f", "-", stdin=tttjob("preempt-me", backoffLimit=0))
+    first = eventually(lambda: get(k, "rayjob", "preempt-me-a1"), "RayJob preempt-me-a1")
+    for group in (
+        first["spec"]["rayClusterSpec"]["headGroupSpec"],
+        *first["spec"]["rayClusterSpec"]["workerGroupSpecs"],
+    ):
+        pod = group["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 30  # the CRD's default
+        assert "preStop" in pod["containers"][0]["lifecycle"]
+    set_rayjob_status(k, "preempt-me-a1", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    job = eventually(phase_is(k, "preempt-me", "Running"), "phase Running")
+
+    # The pod is preempted: attempt 1's trainer saves, reports it and exits 75; KubeRay fails the RayJob.
+    monkeypatch.setenv("TTT_ATTEMPT", "1")  # as the operator sets it in the attempt's pods
+    report = ProgressReport(open_storage(job["status"]["storagePath"]), total_steps=300, every_s=0)
+    report.start(0, "mlflow-run-p", "sqlite:///x", None)
+    report.step(41, 2.5, 900.0)
+    report.checkpoint(41, job["status"]["storagePath"] + "/checkpoints/step-00000041.pt")
+    report.finish("preempted", "stopped after step 41 (SIGTERM) in 2.0 s")
+    set_rayjob_status(k, "preempt-me-a1", jobDeploymentStatus="Failed", jobStatus="FAILED", message="exit 75")
+
+    eventually(lambda: get(k, "rayjob", "preempt-me-a2"), "RayJob preempt-me-a2 despite backoffLimit 0")
+    job = eventually(
+        lambda: (j := get(k, "tj", "preempt-me")) and j["status"].get("attempt") == 2 and j, "attempt 2"
+    )
+    assert job["status"]["failedAttempts"] == 0 and job["status"]["preemptedAttempts"] == [1]
+    running = next(c for c in job["status"]["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "Preempted")
+    assert "stopped after step 41" in running["message"]
+    set_rayjob_status(k, "preempt-me-a2", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    eventually(phase_is(k, "preempt-me", "Succeeded"), "phase Succeeded")
+    reasons = [
+        e["reason"]
+        for e in k("get", "events", "-o", "json")["items"]
+        if e["involvedObject"]["name"] == "preempt-me"
+    ]
+    assert "Preempted" in reasons and "AttemptFailed" not in reasons, reasons
+
+
 def test_backoff_limit_and_suspend(k):
     k("apply", "-f", "-", stdin=tttjob("no-retry", backoffLimit=0))
     eventually(lambda: get(k, "rayjob", "no-retry-a1"), "RayJob no-retry-a1")

@@ -89,6 +89,27 @@ def test_examples_render_to_valid_rayjobs(name, workers, gpus, nodes):
     assert cfg.ttt.mini_batch_size == job["spec"]["ttt"]["miniBatchSize"]
 
 
+def test_ray_pods_stop_within_their_grace_period():
+    """Every Ray pod: the grace period of the spec, a preStop hook that asks the pod's training processes
+    to stop and waits for them, the stop folder on a volume of its own, and the attempt in the env."""
+    job = example("tiny-cpu", terminationGracePeriodSeconds=90)
+    cfg = builders.render_config(job, SETTINGS)
+    assert cfg.train.stop_grace_s == 90 - builders.STOP_MARGIN_S
+    cluster = builders.ray_job(job, 2, cfg, SETTINGS)["spec"]["rayClusterSpec"]
+    for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 90
+        (container,) = pod["spec"]["containers"]
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:2] == ["sh", "-c"] and "/run/ttt-stop/stop" in hook[2] and "-lt 88 " in hook[2]
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        assert env["TTT_ATTEMPT"] == "2" and env["TTT_STOP_DIR"] == builders.STOP_DIR
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert "emptyDir" in volumes[mounts[builders.STOP_DIR]]
+    default = builders.render_config(example("tiny-cpu"), SETTINGS)
+    assert default.train.stop_grace_s == builders.DEFAULT_GRACE_S - builders.STOP_MARGIN_S
+
+
 def test_config_map_holds_the_rendered_config():
     job = example("tiny-cpu")
     cfg = builders.render_config(job, SETTINGS)
@@ -297,6 +318,38 @@ def test_failed_attempts_retry_up_to_the_backoff_limit():
     failed = next(c for c in final.status["conditions"] if c["type"] == "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "BackoffLimitExceeded")
     assert "3 failed attempts" in final.status["message"]
+
+
+def test_a_preempted_attempt_is_retried_without_counting_against_the_backoff_limit():
+    job = example("tiny-cpu", backoffLimit=0)
+    stopped = rayjob(1, "Failed", "FAILED", reason="AppFailed", message="exit 75")
+    report = {
+        "state": "preempted",
+        "attempt": 1,
+        "step": 41,
+        "total_steps": 300,
+        "message": "stopped after step 41 (SIGTERM) in 3.2 s; checkpoint: /runs/x/step-00000041.pt",
+    }
+    retry = decide(job, [stopped], report=report)
+    assert retry.create == 2 and retry.status["failedAttempts"] == 0
+    assert retry.status["preemptedAttempts"] == [1]
+    assert "attempt 1 was stopped after step 41" in retry.status["message"]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in retry.status["conditions"]}
+    assert conditions["Running"] == ("False", "Preempted") and conditions["Created"][0] == "True"
+    assert "Failed" not in conditions
+    assert [reason for _, reason, _ in retry.events] == ["Preempted"]  # not AttemptFailed
+
+    # Later the report is the next attempt's; the record of attempt 1 stays in the status.
+    job = with_status(job, retry)
+    running = {**report, "state": "running", "attempt": 2}
+    todo = decide(job, [stopped, rayjob(2, "Running", "RUNNING")], report=running)
+    assert todo.status["phase"] == "Running" and todo.status["preemptedAttempts"] == [1]
+    # A real failure of attempt 2 still counts: backoffLimit 0 ends the job.
+    failed = decide(job, [stopped, rayjob(2, "Complete", "FAILED")], report={**running, "state": "failed"})
+    assert (failed.status["phase"], failed.status["failedAttempts"], failed.create) == ("Failed", 1, None)
+    # A report of another attempt does not make a failure a preemption.
+    stale = decide(example("tiny-cpu", backoffLimit=0), [stopped], report={**report, "attempt": 7})
+    assert stale.status["phase"] == "Failed" and stale.create is None
 
 
 def test_deadline_is_final():
