@@ -32,6 +32,7 @@ bench: install
 	  --repeats 5 --write benchmarks/RESULTS.md
 	$(PY) benchmarks/workers.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/inference.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/tracking.py --write benchmarks/RESULTS.md
 	TRITON_INTERPRET=1 $(PY) benchmarks/kernels.py --device cpu --write benchmarks/RESULTS.md
 	$(PY) benchmarks/kernels.py --compile --write benchmarks/RESULTS.md
 
