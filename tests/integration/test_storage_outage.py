@@ -17,7 +17,7 @@ from tests.integration.services import TINY
 from tests.integration.test_training import assert_same_tensors
 from ttt.config import resolve
 from ttt.storage import open_storage
-from ttt.train.checkpoint import Checkpointer, load_checkpoint
+from ttt.train.checkpoint import Checkpointer, CheckpointError, load_checkpoint
 from ttt.train.trainer import Trainer
 
 
@@ -134,3 +134,25 @@ def test_a_full_disk_costs_a_checkpoint_not_the_run(tmp_path, text_dataset, smal
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     steps = sorted(m.step for m in client.get_metric_history(result.mlflow_run_id, "train/loss"))
     assert steps == list(range(12))  # the journal (on the full disk) kept its records in memory meanwhile
+
+
+def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_naming_the_newest(
+    tmp_path, text_dataset, small_disk
+):
+    def fill_before_the_end(metrics, step):
+        if step == 10:
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            with open(small_disk / "filler", "wb") as fh:
+                fh.write(b"\0" * (free - (1 << 20)))
+
+    common = [
+        f"data.path={text_dataset}",
+        f"storage.root={small_disk}",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    ]
+    with pytest.raises(CheckpointError, match=r"final checkpoint \(step 12\).*step-00000008\.pt"):
+        Trainer(job(*common), "end-full", progress=False, on_metrics=fill_before_the_end).fit()
+    (small_disk / "filler").unlink()
+    assert every_listed_checkpoint_loads(str(small_disk / "end-full")) == [4, 8]
+    resumed = Trainer(job(*common), "end-full", progress=False).fit()  # a retry resumes from step 8
+    assert resumed.steps == 12 and every_listed_checkpoint_loads(str(small_disk / "end-full")) == [4, 8, 12]
