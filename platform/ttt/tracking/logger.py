@@ -114,7 +114,8 @@ class Tracker:
                 self._last_step[key] = max(self._last_step.get(key, -1), step)
             self.sender = Sender(self.journal)
             self.sender.start()
-        self._emit(tags_record(tags))
+        if resumed is not None:  # a new run got its tags when it was created
+            self._emit(tags_record(tags))
         if resumed is None or not resumed.data.params:  # (params an earlier attempt journaled: the same)
             self._emit(params_record(params))
         if self.cfg.system_metrics:
