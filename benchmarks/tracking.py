@@ -3,7 +3,7 @@
 
 Each step logs the trainer's six training metrics; the time is the loop's, from the first call to the
 last (the sender's delivery is in another thread). Optionally a delay is added in front of the server
-(`--latency-ms`, through a small TCP proxy), as for a server in another zone or behind an ingress.
+(`--latency-ms`, through the drills' TCP proxy), as for a server in another zone or behind an ingress.
 
     python benchmarks/tracking.py [--steps 200] [--latency-ms 0 20] [--write benchmarks/RESULTS.md]
 """
@@ -11,18 +11,14 @@ last (the sender's delivery is in another thread). Optionally a delay is added i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.faults import MlflowServer
-from tests.integration.services import free_port
+from tests.integration.faults import MlflowServer, TcpProxy
 
 from results import write_block
 from ttt.config import TrackingConfig
@@ -30,28 +26,6 @@ from ttt.storage import LocalStorage
 from ttt.tracking.logger import Tracker, quiet_mlflow
 
 METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second", "train/step_seconds")
-
-
-def delayed_proxy(target: int, delay_s: float) -> int:
-    """127.0.0.1:<port> → target, holding every chunk `delay_s` before passing it on (one way)."""
-    port = free_port()
-    server = socket.create_server(("127.0.0.1", port))
-
-    def pipe(src, dst):
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                time.sleep(delay_s)
-                dst.sendall(data)
-
-    def accept():
-        while True:
-            client, _ = server.accept()
-            upstream = socket.create_connection(("127.0.0.1", target))
-            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return port
 
 
 def per_step_ms(uri: str, journal: bool, steps: int, root: str) -> float:
@@ -81,10 +55,12 @@ def main() -> None:
         server.start()
         try:
             for latency in args.latency_ms:
-                port = delayed_proxy(server.port, latency / 1e3) if latency else server.port
-                uri = f"http://127.0.0.1:{port}"
+                proxy = TcpProxy(server.port, delay_s=latency / 1e3)
+                proxy.up()
+                uri = f"http://127.0.0.1:{proxy.port if latency else server.port}"
                 sync = per_step_ms(uri, False, args.steps, root)
                 journal = per_step_ms(uri, True, args.steps, root)
+                proxy.down()
                 rows.append((latency, sync, journal))
         finally:
             server.stop()

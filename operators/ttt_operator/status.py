@@ -102,9 +102,9 @@ def phase_conditions(
         if kind == phase or (kind == "Running" and reason == PREEMPTED):
             out = set_condition(out, kind, kind == phase, reason, message, generation, now)
         elif old is not None:
-            was_false = old.get("status") == "False"
-            why = (old.get("reason", f"Not{kind}"), old.get("message", message)) if was_false else None
-            out = set_condition(out, kind, False, *(why or (f"Not{kind}", message)), generation, now)
+            keep = old.get("status") == "False"  # the reason it turned False for
+            why, text = (old.get("reason"), old.get("message")) if keep else (None, None)
+            out = set_condition(out, kind, False, why or f"Not{kind}", text or message, generation, now)
     return out
 
 

@@ -22,6 +22,11 @@ class StorageError(UserError):
     """A storage location cannot be used; the message says which and why."""
 
 
+def cache_dir() -> Path:
+    """This machine's cache of remote things (datasets from S3, journals of S3 run directories)."""
+    return Path(os.environ.get("TTT_CACHE_DIR") or Path.home() / ".cache" / "ttt-platform")
+
+
 def failures() -> tuple[type[BaseException], ...]:
     """What a read or write that did not happen raises: the local disk (full, read-only, gone) or S3
     (after botocore's retries: refused, timed out, throttled, a transfer cut off)."""

@@ -69,10 +69,12 @@ class TcpProxy:
     """127.0.0.1:`port` forwarded to 127.0.0.1:`target`. `down()` closes the listening socket and every
     connection (clients see refused connections and cut transfers); `up()` listens again on the same port.
     `cut_when(pattern, seconds)` goes down the first time a request containing `pattern` passes, and comes
-    back after `seconds` (None: when `up()` is called)."""
+    back after `seconds` (None: when `up()` is called). `delay_s` holds every chunk that long (a far
+    server)."""
 
-    def __init__(self, target: int):
+    def __init__(self, target: int, delay_s: float = 0.0):
         self.target = target
+        self.delay_s = delay_s
         self.port = free_port()
         self._server: socket.socket | None = None
         self._conns: set[socket.socket] = set()
@@ -132,6 +134,8 @@ class TcpProxy:
                     if seconds is not None:
                         threading.Timer(seconds, self.up).start()
                     return
+                if self.delay_s:
+                    time.sleep(self.delay_s)
                 dst.sendall(data)
         except OSError:
             pass

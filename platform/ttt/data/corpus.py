@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ttt.data.streams import DataError, cache_dir, upload_dataset, write_dataset
+from ttt.data.streams import DataError, upload_dataset, write_dataset
 from ttt.data.tokenizer import ByteTokenizer, Tokenizer
+from ttt.storage import cache_dir
 
 # Files in a folder that count as documents (a file named explicitly always counts).
 TEXT_SUFFIXES = (

@@ -19,17 +19,13 @@ from typing import Any
 import numpy as np
 
 from ttt.errors import UserError
-from ttt.storage import S3Storage, StorageError, open_storage
+from ttt.storage import S3Storage, StorageError, cache_dir, open_storage
 
 BUNDLED = "bundled:"
 
 
 class DataError(UserError):
     """The dataset cannot be used; the message names it and says why."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TTT_CACHE_DIR") or Path.home() / ".cache" / "ttt-platform")
 
 
 @dataclass

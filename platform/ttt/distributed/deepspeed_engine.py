@@ -107,7 +107,7 @@ class DeepSpeedEngine:
 
     def all_true(self, flag: bool) -> bool:
         """Whether every rank says yes (a checkpoint counts only if every rank wrote its part)."""
-        return float(self.all_reduce_sum(torch.tensor([float(not flag)], dtype=torch.float64))[0]) == 0
+        return not self.mean_and_any(0.0, not flag)[1]
 
     def full_model_state(self) -> dict:
         """The unsharded model weights (collective under ZeRO-3: every rank must call it)."""

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttt.tracking.journal import Journal, _reason, _stderr
+from ttt.errors import reason, warn
+from ttt.tracking.journal import Journal
 
 READ_RECORDS = 500
 INTERVAL_S = 1.0
 MAX_PROBE_S = 10.0
 # MLflow's limits for one log_batch call.
-MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000
+MAX_METRICS, MAX_PARAMS_TAGS, MAX_ENTITIES = 1000, 100, 1000
 
 
 @dataclass
@@ -43,14 +44,11 @@ class Call:
     tags: dict[str, str] = field(default_factory=dict)
     record: dict[str, Any] | None = None
 
-    def full(self) -> bool:
+    def fits(self, kind: str, count: int) -> bool:
+        """Whether `count` more values of `kind` still make one log_batch call."""
+        limit = MAX_METRICS if kind == "metrics" else MAX_PARAMS_TAGS
         entities = len(self.metrics) + len(self.params) + len(self.tags)
-        return (
-            len(self.metrics) >= MAX_METRICS - 50
-            or len(self.params) >= MAX_PARAMS - 20
-            or len(self.tags) >= MAX_TAGS - 20
-            or entities >= MAX_ENTITIES - 50
-        )
+        return len(getattr(self, kind)) + count <= limit and entities + count <= MAX_ENTITIES
 
 
 def calls(records: list[dict[str, Any]], skip_end_through: int = 0) -> Iterator[Call]:
@@ -63,7 +61,7 @@ def calls(records: list[dict[str, Any]], skip_end_through: int = 0) -> Iterator[
         kind, seq = record["kind"], record["seq"]
         if kind in ("metrics", "params", "tags"):
             values = record["values"]
-            if batch is not None and (batch.full() or len(values) > MAX_PARAMS - 20):
+            if batch is not None and not batch.fits(kind, len(values)):
                 yield batch
                 batch = None
             batch = batch or Call("batch", seq)
@@ -109,8 +107,8 @@ def why_unreachable(exc: BaseException) -> str:
         if needle in text:
             return short
     if hasattr(exc, "get_http_status_code"):
-        return f"HTTP {exc.get_http_status_code()}: {_reason(exc)[:120]}"
-    return _reason(exc)[:120]
+        return f"HTTP {exc.get_http_status_code()}: {reason(exc, 120)}"
+    return reason(exc, 120)
 
 
 def perform(client, run_id: str, journal: Journal | None, call: Call) -> None:
@@ -119,11 +117,15 @@ def perform(client, run_id: str, journal: Journal | None, call: Call) -> None:
 
         params = [Param(k, v) for k, v in call.params.items()]
         tags = [RunTag(k, v) for k, v in call.tags.items()]
-        # MLflow checks the limits per call: a batch with many params is sent in slices.
-        for i in range(0, max(len(params), len(tags), 1), MAX_PARAMS):
+        # One record with more params or tags than a call takes (calls() makes no bigger batches) is sent
+        # in slices.
+        for i in range(0, max(len(params), len(tags), 1), MAX_PARAMS_TAGS):
             metrics = call.metrics if i == 0 else []
             client.log_batch(
-                run_id, metrics=metrics, params=params[i : i + MAX_PARAMS], tags=tags[i : i + MAX_PARAMS]
+                run_id,
+                metrics=metrics,
+                params=params[i : i + MAX_PARAMS_TAGS],
+                tags=tags[i : i + MAX_PARAMS_TAGS],
             )
     elif call.kind == "artifact":
         record = call.record
@@ -147,7 +149,7 @@ class Sender:
 
         self.journal = journal
         self.uri = journal.uri
-        self.echo = echo or _stderr
+        self.echo = echo or warn
         self.client = client or MlflowClient(journal.uri)
         self._held: list[dict[str, Any]] = []
         self._wake = threading.Event()
@@ -222,7 +224,7 @@ class Sender:
                     if transient(exc):
                         return exc
                     self.skipped += sum(1 for r in self._held if r["seq"] <= call.last)
-                    why = _reason(exc)[:300]
+                    why = reason(exc, 300)
                     self.echo(f"ttt: MLflow at {self.uri} refused a {call.kind} call, skipped: {why}")
                 self._taken(call)
 
@@ -269,7 +271,7 @@ class Sender:
 def deliver_all(journal: Journal, client=None) -> tuple[int, int]:
     """Deliver a whole journal in the foreground (`ttt sync`): (records delivered, records skipped).
     Raises the first transient failure: the caller says the server cannot be reached."""
-    sender = Sender(journal, client=client, echo=_stderr)
+    sender = Sender(journal, client=client)
     journal.ends_before = 0  # synced after the run's last attempt: its end is delivered too
     before = journal.pending
     failure = sender.drain()
@@ -284,14 +286,14 @@ def sync_run(run_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from ttt.storage import open_storage
-    from ttt.tracking.journal import RunJournal, journal_exists, journal_meta
+    from ttt.tracking.journal import RunJournal, journal_meta
     from ttt.tracking.logger import TrackingError, check_reachable, quiet_mlflow
 
     quiet_mlflow()
     storage = open_storage(run_dir)
-    if not journal_exists(storage):
-        return {"run_dir": storage.uri, "delivered": 0, "message": "nothing to deliver"}
     meta = journal_meta(storage)
+    if meta is None:
+        return {"run_dir": storage.uri, "delivered": 0, "message": "nothing to deliver"}
     uri = tracking_uri or meta["tracking_uri"]
     check_reachable(uri)
     journal = RunJournal(storage, meta["run_id"], meta["tracking_uri"])
@@ -300,7 +302,7 @@ def sync_run(run_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
     except Exception as exc:
         journal.close()
         raise TrackingError(
-            f"MLflow at {uri} did not take the journal of {storage.uri} ({_reason(exc)[:200]}); "
+            f"MLflow at {uri} did not take the journal of {storage.uri} ({reason(exc)}); "
             f"{journal.pending} records are still kept there"
         ) from None
     journal.finish()

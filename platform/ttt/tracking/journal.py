@@ -25,8 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -34,8 +32,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ttt.errors import UserError
-from ttt.storage import Storage
+from ttt.errors import UserError, reason, warn
+from ttt.storage import LocalStorage, Storage, cache_dir
 
 FOLDER = "mlflow-journal"
 RECORDS, CURSOR, META = "journal.jsonl", "cursor", "meta.json"
@@ -78,24 +76,24 @@ class Journal:
     def __init__(self, folder: Path, run_id: str, uri: str, echo=None):
         self.folder = Path(folder)
         self.run_id, self.uri = run_id, uri
-        self.echo = echo or _stderr
+        self.echo = echo or warn
         self._lock = threading.Lock()
         self._memory: deque[dict[str, Any]] = deque()
-        self._dropped = 0
+        self._dropping = False
         self._disk_failed = False
         self._disk_retry_at = 0.0
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._files = LocalStorage(self.folder)  # atomic writes of the cursor, meta and artifact files
         self._check_meta()
         self.acked = self._read_cursor()
         self.last_seq = self.acked
         self._read_offset = 0
         self._read_seq = self.acked
         self._max_steps: dict[str, int] = {}
-        self.ends_before = 0
-        """Records up to this seq were written by an earlier attempt; their `end` is not delivered (the
-        attempt that adopts them ends the run itself)."""
         self._size = self._scan()
         self.ends_before = self.last_seq
+        """Records up to this seq were written by an earlier attempt; their `end` is not delivered (the
+        attempt that adopts them ends the run itself)."""
         self._fh = open(self.folder / RECORDS, "ab")  # noqa: SIM115 (open for the journal's life)
 
     # -- opening -----------------------------------------------------------------------------------
@@ -115,7 +113,7 @@ class Journal:
                 )
             if not same:
                 self._wipe()
-        _write_atomic(path, json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}).encode())
+        self._files.write_bytes(META, json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}).encode())
 
     def _has_undelivered(self) -> bool:
         cursor = self._read_cursor()
@@ -163,7 +161,9 @@ class Journal:
                 return record["seq"]
             if len(self._memory) >= MEMORY_LIMIT:
                 self._memory.popleft()
-                self._dropped += 1
+                if not self._dropping:
+                    self._dropping = True
+                    self.echo(f"ttt: more than {MEMORY_LIMIT:,} MLflow records wait in memory: the oldest go")
             self._memory.append(record)
             return record["seq"]
 
@@ -176,7 +176,7 @@ class Journal:
             if not self._disk_failed:
                 self._disk_failed = True
                 self.echo(
-                    f"ttt: cannot write the MLflow journal {self.folder / RECORDS} ({exc.strerror or exc}): "
+                    f"ttt: cannot write the MLflow journal {self.folder / RECORDS} ({reason(exc)}): "
                     f"records are kept in memory (up to {MEMORY_LIMIT:,}) until they are delivered"
                 )
             self._disk_retry_at = time.monotonic() + 30.0
@@ -197,8 +197,7 @@ class Journal:
         """An artifact record whose content is kept beside the journal until it is uploaded."""
         folder = self.folder / "files" / uuid.uuid4().hex[:16]
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(folder / name, data)
+            self._files.write_bytes(str((folder / name).relative_to(self.folder)), data)
             record = {"kind": "artifact", "file": str((folder / name).relative_to(self.folder))}
         except OSError:  # no room on disk: the content travels in the (memory) record
             record = {"kind": "artifact", "name": name, "data": base64.b64encode(data).decode()}
@@ -248,7 +247,7 @@ class Journal:
             while self._memory and self._memory[0]["seq"] <= seq:
                 self._memory.popleft()
             with contextlib.suppress(OSError):
-                _write_atomic(self.folder / CURSOR, str(seq).encode())
+                self._files.write_bytes(CURSOR, str(seq).encode())
                 if self.acked == self.last_seq and self._size > COMPACT_BYTES:
                     self._fh.truncate(0)
                     self._read_offset = self._size = 0
@@ -264,10 +263,6 @@ class Journal:
     def pending(self) -> int:
         return self.last_seq - self.acked
 
-    @property
-    def dropped(self) -> int:
-        return self._dropped
-
     def max_steps(self) -> dict[str, int]:
         """The newest step of each metric still undelivered from earlier attempts."""
         return dict(self._max_steps)
@@ -275,14 +270,6 @@ class Journal:
     def close(self) -> None:
         with self._lock, contextlib.suppress(OSError):
             self._fh.close()
-
-    def remove_if_delivered(self) -> bool:
-        """Delete the folder once everything is delivered (a finished run leaves no journal behind)."""
-        if self.pending:
-            return False
-        self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-        return True
 
     def undelivered_bytes(self) -> bytes:
         """The records MLflow has not taken, as journal lines (what a copy of the journal must hold)."""
@@ -338,21 +325,20 @@ class RunJournal(Journal):
                 self.storage.delete(stale)
             self._uploaded = names
         except Exception as exc:  # a storage outage must not stop training: the next persist tries again
-            self.echo(f"ttt: could not copy the MLflow journal to {self.where} ({_reason(exc)})")
+            self.echo(f"ttt: could not copy the MLflow journal to {self.where} ({reason(exc)})")
 
     def finish(self) -> bool:
-        """At the end of an attempt: keep what is undelivered in the run directory; True if nothing is."""
+        """At the end of an attempt: keep what is undelivered in the run directory (a finished run leaves
+        no journal behind, and an S3 run's local spool always goes); True if nothing is left."""
         self.persist()
-        if self.remote:
-            self.close()
+        self.close()
+        if self.remote or not self.pending:
             shutil.rmtree(self.folder, ignore_errors=True)
-            return not self.pending
-        return self.remove_if_delivered()
+        return not self.pending
 
 
 def _spool(uri: str) -> Path:
-    base = Path(os.environ.get("TTT_CACHE_DIR") or Path.home() / ".cache" / "ttt-platform")
-    return base / "journals" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{os.getpid()}"
+    return cache_dir() / "journals" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{os.getpid()}"
 
 
 def _download(storage: Storage, folder: Path) -> set[str]:
@@ -362,17 +348,10 @@ def _download(storage: Storage, folder: Path) -> set[str]:
     return names
 
 
-def journal_exists(storage: Storage) -> bool:
-    local = storage.local_path()
-    if local is not None:
-        return (local / FOLDER / META).exists()
-    return storage.exists(f"{FOLDER}/{META}")
-
-
-def journal_meta(storage: Storage) -> dict[str, Any]:
-    local = storage.local_path()
-    if local is not None:
-        return json.loads((local / FOLDER / META).read_bytes())
+def journal_meta(storage: Storage) -> dict[str, Any] | None:
+    """The run id and tracking URI of a run directory's journal, or None when it has none."""
+    if not storage.exists(f"{FOLDER}/{META}"):
+        return None
     return json.loads(storage.read_bytes(f"{FOLDER}/{META}"))
 
 
@@ -403,22 +382,3 @@ def _lines(path: Path):
                 return
             yield record, offset, offset + len(line)
             offset += len(line)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

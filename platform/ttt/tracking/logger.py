@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from ttt.config import TrackingConfig
-from ttt.errors import UserError
+from ttt.errors import UserError, warn
 from ttt.storage import Storage
 from ttt.tracking.delivery import Sender, calls, perform
 from ttt.tracking.journal import RunJournal, end_record, metrics_record, params_record, tags_record
@@ -151,12 +150,10 @@ class Tracker:
         wait = self.cfg.flush_timeout_s if timeout is None else timeout
         delivered = self.sender.close(wait)
         if not self.journal.finish():
-            print(
+            warn(
                 f"ttt: MLflow at {self.uri} has not taken {self.journal.pending} records in {wait:.0f} s; "
                 f"they are kept in {self.journal.where} and delivered by the next attempt of this run or by "
-                f"`ttt sync {self.journal.storage.uri}`",
-                file=sys.stderr,
-                flush=True,
+                f"`ttt sync {self.journal.storage.uri}`"
             )
         return delivered
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ttt.config import JobConfig
-from ttt.errors import UserError
+from ttt.errors import UserError, reason
 from ttt.storage import Storage, failures, join, open_storage
 
 FOLDER = "checkpoints"
@@ -42,11 +42,6 @@ class CheckpointNotWritten(Exception):
     def __init__(self, step: int, reason: str):
         self.step, self.reason = step, reason
         super().__init__(f"checkpoint at step {step} not written ({reason})")
-
-
-def _why(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-    return text[:200]
 
 
 def checkpoint_name(step: int) -> str:
@@ -97,7 +92,7 @@ class Checkpointer:
         try:
             self.storage.write_bytes(checkpoint_name(step), encode(payload))  # atomic: all or nothing
         except failures() as exc:
-            raise CheckpointNotWritten(step, _why(exc)) from None
+            raise CheckpointNotWritten(step, reason(exc)) from None
         self._prune()
         return self.describe(Found(step, sharded=False))
 
@@ -118,7 +113,7 @@ class Checkpointer:
             for path in sorted(shards.iterdir()):
                 self.storage.upload(path, f"{folder}/{path.name}")
         except failures() as exc:
-            why = _why(exc)
+            why = reason(exc)
         finally:
             shutil.rmtree(shards.parent, ignore_errors=True)
         model = engine.full_model_state()  # collective under ZeRO-3: every rank takes part
@@ -126,14 +121,14 @@ class Checkpointer:
             try:
                 self.storage.write_bytes(f"{folder}/ttt.pt", encode({"model": model, **meta}))
             except failures() as exc:
-                why = _why(exc)
+                why = reason(exc)
         # Every rank's files are up, or none of this counts (the all-reduce is also the barrier).
         if engine.all_true(why is None) and engine.rank == 0:
             try:
                 files = self.storage.list(folder)
                 self.storage.write_bytes(f"{folder}.complete", json.dumps({"files": files}).encode())
             except failures() as exc:
-                why = _why(exc)
+                why = reason(exc)
             else:
                 self._prune()
         if not engine.all_true(why is None):

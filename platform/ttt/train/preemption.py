@@ -18,11 +18,12 @@ import contextlib
 import os
 import shlex
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from ttt.errors import reason, warn
 
 EXIT_PREEMPTED = 75
 """The exit status of a run stopped on request after its checkpoint (sysexits' EX_TEMPFAIL: "try
@@ -94,7 +95,7 @@ def signals_request_stop(request: StopRequest, what: str = "after the step in fl
         if request.requested():
             raise KeyboardInterrupt(f"second {name}")
         request.set(name)
-        print(f"ttt: {name}: stopping {what}; a second signal stops at once", file=sys.stderr, flush=True)
+        warn(f"ttt: {name}: stopping {what}; a second signal stops at once")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -153,7 +154,7 @@ def forward_to_workers(storage, token: str) -> Iterator[StopRequest]:
                     storage.write_bytes(stop_marker(token), (request.reason or "stop").encode())
                     return
                 except failures() as exc:  # storage away: keep trying while the grace period lasts
-                    print(f"ttt: cannot ask the workers to stop yet ({exc})", file=sys.stderr, flush=True)
+                    warn(f"ttt: cannot ask the workers to stop yet ({reason(exc)})")
                     done.wait(2.0)
 
     thread = threading.Thread(target=forward, name="ttt-stop-forward", daemon=True)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from datetime import datetime, timezone
 from typing import Any
 
+from ttt.errors import reason, warn
 from ttt.storage import Storage, StorageError, failures
 
 PROGRESS_FILE = "progress.json"
@@ -80,14 +80,10 @@ class ProgressReport:
             self.storage.write_bytes(PROGRESS_FILE, json.dumps(self.data, indent=1).encode())
         except failures() as exc:
             if not self._failing:
-                print(
-                    f"ttt: cannot write {self.storage.describe(PROGRESS_FILE)} "
-                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); training goes on",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                where = self.storage.describe(PROGRESS_FILE)
+                warn(f"ttt: cannot write {where} ({reason(exc)}); training goes on")
             self._failing = True
         else:
             if self._failing:
-                print(f"ttt: {self.storage.describe(PROGRESS_FILE)} is written again", file=sys.stderr)
+                warn(f"ttt: {self.storage.describe(PROGRESS_FILE)} is written again")
             self._failing = False

@@ -22,7 +22,7 @@ import torch
 from ttt.config import JobConfig, flatten, to_yaml
 from ttt.data import Samples, TrainBatches, open_dataset, split_tokens, validation_batches
 from ttt.data.streams import DataError
-from ttt.errors import UserError
+from ttt.errors import UserError, warn
 from ttt.eval.position import EvalResult, evaluate, evaluate_with_and_without_ttt
 from ttt.model.attention import kernels_label
 from ttt.model.counting import flops_per_token
@@ -71,10 +71,10 @@ class RunResult:
     tracking_uri: str
     steps: int
     last_checkpoint: str | None
-    final_eval: EvalResult | None
-    final_eval_no_ttt: EvalResult | None
     train_seconds: float
-    plot: str | None
+    final_eval: EvalResult | None = None
+    final_eval_no_ttt: EvalResult | None = None
+    plot: str | None = None
     preempted: bool = False
     """Stopped on request after a checkpoint (the CLI exits with EXIT_PREEMPTED); not finished."""
 
@@ -234,18 +234,8 @@ class Trainer:
         tracker.log_text(
             json.dumps({"latest": checkpoints.last, "run_dir": storage.uri}, indent=2), "checkpoints.json"
         )
-        result = RunResult(
-            run_name=self.run_name,
-            run_dir=storage.uri,
-            mlflow_run_id=state.mlflow_run_id,
-            tracking_uri=tracker.uri,
-            steps=state.step,
-            last_checkpoint=checkpoints.last,
-            final_eval=final,
-            final_eval_no_ttt=final_no_ttt,
-            train_seconds=train_seconds,
-            plot=plot,
-        )
+        evals = {"final_eval": final, "final_eval_no_ttt": final_no_ttt, "plot": plot}
+        result = self._result(state, checkpoints.last, train_seconds, **evals)
         tracker.end("FINISHED")
         report.finish("succeeded")
         return result
@@ -270,7 +260,10 @@ class Trainer:
         self.report.data["stop_seconds"] = round(took, 2)
         self._finish_report("preempted", message)
         if self.progress:
-            print(f"ttt: {message}", file=sys.stderr, flush=True)
+            warn(f"ttt: {message}")
+        return self._result(state, last, seconds, preempted=True)
+
+    def _result(self, state: TrainState, last: str | None, seconds: float, **rest) -> RunResult:
         return RunResult(
             run_name=self.run_name,
             run_dir=self.storage.uri,
@@ -278,11 +271,8 @@ class Trainer:
             tracking_uri=self.tracker.uri,
             steps=state.step,
             last_checkpoint=last,
-            final_eval=None,
-            final_eval_no_ttt=None,
             train_seconds=seconds,
-            plot=None,
-            preempted=True,
+            **rest,
         )
 
     @staticmethod
@@ -471,11 +461,9 @@ class _Checkpoints:
             if trainer.rank == 0:
                 every, total = job.train.checkpoint_every, job.train.total_steps
                 retry = min((state.step // every + 1) * every, total)
-                print(
+                warn(
                     f"ttt: {exc}; training goes on and step {retry} tries again (newest complete "
-                    f"checkpoint: {self.last})",
-                    file=sys.stderr,
-                    flush=True,
+                    f"checkpoint: {self.last})"
                 )
             return None
         self.last = uri
