@@ -33,6 +33,17 @@ def tiny_args(tmp_path, text_dataset, *extra: str) -> list[str]:
     return [arg for item in sets for arg in ("--set", item)]
 
 
+def test_sync_names_what_is_wrong_with_its_input(tmp_path):
+    assert_one_line_error(ttt("sync", str(tmp_path / "nowhere")), "no run directory", "nowhere")
+    journal = tmp_path / "run" / "mlflow-journal"
+    journal.mkdir(parents=True)
+    (journal / "meta.json").write_text("{not json")
+    assert_one_line_error(ttt("sync", str(tmp_path / "run")), "meta.json", "is not a journal")
+    (tmp_path / "done").mkdir()  # a run directory whose journal was delivered
+    proc = ttt("sync", str(tmp_path / "done"))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["message"] == "nothing to deliver"
+
+
 def test_train_then_eval_from_the_command_line(tmp_path, text_dataset):
     proc = ttt("train", "tiny", *tiny_args(tmp_path, text_dataset), "--run-name", "cli")
     assert proc.returncode == 0, proc.stderr

@@ -75,12 +75,14 @@ def test_s3_cut_off_during_a_checkpoint_write(tmp_path, text_dataset, s3_bucket,
             if step == 6:
                 proxy.up()
 
-        lost = Trainer(job(*common), "lost", progress=False, on_metrics=back_after_step_6).fit()
+        reports = "train.report_every_s=0"  # progress.json every step: its writes fail while S3 is away
+        lost = Trainer(job(*common, reports), "lost", progress=False, on_metrics=back_after_step_6).fit()
     finally:
         del os.environ["AWS_MAX_ATTEMPTS"]
     err = capfd.readouterr().err
     assert lost.steps == 12 and lost.last_checkpoint.endswith("step-00000012.pt")
     assert "checkpoint at step 4 not written" in err and "step 8 tries again" in err, err
+    assert err.count("progress.json (") == 1 and "progress.json is written again" in err, err
     assert "Traceback" not in err
     assert every_listed_checkpoint_loads(f"s3://{s3_bucket}/runs/lost") == [8, 12]
     a, b = (load_checkpoint(f"s3://{s3_bucket}/runs/{name}") for name in ("reference", "lost"))
@@ -106,14 +108,29 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_costs_a_checkpoint_not_the_run(tmp_path, text_dataset, small_disk, capfd):
+def fill(path) -> None:
+    """Write `path` until the file system has no room left (as another tenant's logs would)."""
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (1 << 20))
+                fh.flush()
+        except OSError:
+            pass
+    assert os.statvfs(path.parent).f_bavail == 0
+
+
+def test_a_full_disk_costs_a_checkpoint_not_the_run(tmp_path, text_dataset, small_disk, capfd, monkeypatch):
     filler = small_disk / "filler"
+    # System metrics every 50 ms, and slow steps while the disk is full: more journal records than the
+    # last page of its file holds, so that its writes fail too.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
 
     def disk_events(metrics, step):
-        if step == 3:  # before the step-4 checkpoint: leave less room than a checkpoint takes
-            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-            with open(filler, "wb") as fh:
-                fh.write(b"\0" * (free - (1 << 20)))
+        if step == 3:  # before the step-4 checkpoint: the disk is full
+            fill(filler)
+        if 3 <= step < 6:
+            time.sleep(0.5)
         if step == 6:  # space comes back before the step-8 checkpoint
             filler.unlink()
 
@@ -121,11 +138,14 @@ def test_a_full_disk_costs_a_checkpoint_not_the_run(tmp_path, text_dataset, smal
         f"data.path={text_dataset}",
         f"storage.root={small_disk}",
         f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        "train.report_every_s=0",
+        "tracking.system_metrics=true",
     ]
     result = Trainer(job(*common), "full", progress=False, on_metrics=disk_events).fit()
     err = capfd.readouterr().err
     assert result.steps == 12, err
     assert "checkpoint at step 4 not written (No space left on device)" in err, err
+    assert "cannot write the MLflow journal" in err and "progress.json (No space left" in err, err
     assert "Traceback" not in err
     assert every_listed_checkpoint_loads(str(small_disk / "full")) == [8, 12]
     assert not list((small_disk / "full" / "checkpoints").glob(".*partial"))  # the cut-off write is gone
@@ -141,9 +161,7 @@ def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_naming_the_newes
 ):
     def fill_before_the_end(metrics, step):
         if step == 10:
-            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-            with open(small_disk / "filler", "wb") as fh:
-                fh.write(b"\0" * (free - (1 << 20)))
+            fill(small_disk / "filler")
 
     common = [
         f"data.path={text_dataset}",

@@ -327,6 +327,7 @@ def test_bad_tttjobs_are_rejected_by_the_api_server_naming_the_field(k):
     cases = {
         "numNodes": {"numNodes": 0},
         "gpusPerNode": {"gpusPerNode": 17},
+        "terminationGracePeriodSeconds": {"terminationGracePeriodSeconds": 3},
         "seqLen must be a multiple of miniBatchSize": {
             "ttt": {"windowSize": 64, "miniBatchSize": 48, "seqLen": 100}
         },

@@ -291,6 +291,9 @@ def sync_run(run_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
 
     quiet_mlflow()
     storage = open_storage(run_dir)
+    local = storage.local_path()
+    if local is not None and not local.is_dir():
+        raise TrackingError(f"RUN_DIR: there is no run directory at {run_dir}")
     meta = journal_meta(storage)
     if meta is None:
         return {"run_dir": storage.uri, "delivered": 0, "message": "nothing to deliver"}

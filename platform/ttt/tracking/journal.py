@@ -352,7 +352,13 @@ def journal_meta(storage: Storage) -> dict[str, Any] | None:
     """The run id and tracking URI of a run directory's journal, or None when it has none."""
     if not storage.exists(f"{FOLDER}/{META}"):
         return None
-    return json.loads(storage.read_bytes(f"{FOLDER}/{META}"))
+    try:
+        meta = json.loads(storage.read_bytes(f"{FOLDER}/{META}"))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not {"run_id", "tracking_uri"} <= set(meta):
+        raise JournalError(f"{storage.describe(FOLDER)}/{META} is not a journal's meta.json")
+    return meta
 
 
 # -- the file format ---------------------------------------------------------------------------------
