@@ -140,3 +140,35 @@ def test_records_left_when_the_server_stays_away_are_delivered_by_sync_or_the_ne
 def ttt_sync(run_dir) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "ttt", "sync", str(run_dir)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_the_journal_of_an_s3_run_directory_travels_with_it(tmp_path, s3_bucket, monkeypatch):
+    """An attempt on one pod leaves undelivered records; the next attempt, on another pod (another local
+    spool), takes them from the run directory on S3 and delivers them; then nothing is left there."""
+    from ttt.storage import open_storage
+    from ttt.tracking.delivery import deliver_all
+    from ttt.tracking.journal import RunJournal, end_record, metrics_record
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("s3-journal", str(tmp_path / "art"))).info.run_id
+    run_dir = open_storage(f"s3://{s3_bucket}/runs/r")
+    monkeypatch.setenv("TTT_CACHE_DIR", str(tmp_path / "pod-1"))
+    first = RunJournal(run_dir, run_id, uri)
+    for step in range(5):
+        first.append(metrics_record({"train/loss": 3.0 - step / 10}, step))
+    first.append(first.add_file("config.yaml", b"train: {}\n", None))
+    first.append(end_record("KILLED"))
+    assert not first.finish()  # MLflow never took them: they stay in the run directory
+    assert not list((tmp_path / "pod-1").rglob("journal.jsonl"))  # the local spool is gone
+    names = set(run_dir.list_recursive(FOLDER))
+    assert {"journal.jsonl", "meta.json", "cursor"} <= names and any(n.startswith("files/") for n in names)
+
+    monkeypatch.setenv("TTT_CACHE_DIR", str(tmp_path / "pod-2"))
+    second = RunJournal(run_dir, run_id, uri)
+    assert second.pending == 7 and second.max_steps() == {"train/loss": 4}
+    delivered, _ = deliver_all(second, client)
+    assert delivered == 7 and second.finish()
+    assert run_dir.list_recursive(FOLDER) == []
+    assert history(client, run_id) == [0, 1, 2, 3, 4]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
