@@ -172,3 +172,22 @@ def test_deliver_all_sends_metrics_params_tags_artifacts_and_the_end(tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2, 3]
     assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
     assert json.loads(json.dumps(run.data.metrics)) == {"train/loss": pytest.approx(1.7)}
+
+
+def test_runs_that_race_to_create_their_experiment_both_start(tmp_path, monkeypatch):
+    """Two runs start together on a new experiment: both look it up, find nothing, and create it; the
+    second create is refused (RESOURCE_ALREADY_EXISTS) and must take the first one's experiment."""
+    from ttt.config import TrackingConfig
+    from ttt.tracking.logger import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    winner = MlflowClient(uri).create_experiment("raced")
+    lookups = iter([None])  # the loser's lookup came before the winner's create was committed
+    real = MlflowClient.get_experiment_by_name
+    monkeypatch.setattr(
+        MlflowClient, "get_experiment_by_name", lambda self, name: next(lookups, real(self, name))
+    )
+    tracker = Tracker(TrackingConfig(uri=uri, experiment="raced", system_metrics=False), str(tmp_path))
+    run_id = tracker.start(None, "loser", {}, {})
+    assert MlflowClient(uri).get_run(run_id).info.experiment_id == winner
+    tracker.end()
