@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ttt.sweep.spec import Expansion, SweepSpec
-from ttt.tracking.logger import CURVE_ARTIFACT, quiet_mlflow
+from ttt.tracking.logger import CURVE_ARTIFACT, experiment_id_of, quiet_mlflow
 
 
 def reachable_uri(uri: str | None) -> bool:
@@ -31,8 +31,7 @@ def _client(uri: str):
 
 def open_parent(uri: str, experiment: str, spec: SweepSpec, expansion: Expansion, sweep: str) -> str:
     client = _client(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = experiment_id_of(client, experiment)
     run = client.create_run(
         experiment_id, run_name=sweep, tags={"ttt.sweep": sweep, "ttt.source": "TTTSweep"}
     )

@@ -84,7 +84,7 @@ class Tracker:
         # Also set on a resumed run: a sweep run again adopts its trials' runs as children.
         tags = {**tags, **self.run_tags()}
         try:
-            experiment_id = self._experiment_id(client)
+            experiment_id = experiment_id_of(client, self.cfg.experiment, self.artifact_location)
             resumed = None
             if run_id is not None:
                 resumed = client.get_run(run_id)  # raises if it is gone
@@ -116,21 +116,6 @@ class Tracker:
             self._monitor = _SystemMetrics(self)
             self._monitor.start()
         return self.run_id
-
-    def _experiment_id(self, client) -> str:
-        """The experiment's id, creating it if need be; runs that start together (a sweep's trials, jobs
-        applied at once) may race to create it, and the loser takes the winner's."""
-        from mlflow.exceptions import MlflowException
-
-        name = self.cfg.experiment
-        if experiment := client.get_experiment_by_name(name):
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=self.artifact_location)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return client.get_experiment_by_name(name).experiment_id
 
     def run_tags(self) -> dict[str, str]:
         """The config's tags, and the parent link MLflow's UI nests child runs by."""
@@ -262,6 +247,21 @@ class _SystemMetrics:
     def finish(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def experiment_id_of(client, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, creating it if need be; runs that start together (a sweep's trials, jobs
+    applied at once) may race to create it, and the loser takes the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    if experiment := client.get_experiment_by_name(name):
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def check_reachable(uri: str) -> None:
