@@ -8,65 +8,35 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import DATA, ROOT
-from tests.integration.services import free_port, stop, wait_for
+from tests.helpers import ROOT
 from tests.kube.apiserver import FakeApiServer
+from tests.kube.drive import (
+    CRD,
+    IMAGE,
+    RAYJOB_CRD,
+    SWEEP_CRD,
+    TINY,
+    Operator,
+    eventually,
+    get,
+    kubectl,
+    phase_is,
+    phase_is_kind,
+    set_rayjob_status,
+    tttjob,
+)
 from ttt import config as cfgmod
 from ttt.storage import open_storage
 from ttt.tracking.logger import CURVE_ARTIFACT
 from ttt.train.report import ProgressReport
 
-CRD = ROOT / "charts" / "ttt-platform" / "crds" / "tttjobs.ttt.dev.yaml"
-SWEEP_CRD = ROOT / "charts" / "ttt-platform" / "crds" / "tttsweeps.ttt.dev.yaml"
-RAYJOB_CRD = DATA / "kuberay" / "ray.io_rayjobs.yaml"
-TINY = ROOT / "jobs" / "examples" / "tiny-cpu.yaml"
 NAMESPACE = "research"
-IMAGE = "ttt-platform/ttt:e2e"
-
-
-def eventually(probe: Callable[[], Any], what: str, seconds: float = 30.0) -> Any:
-    """Poll until `probe()` is truthy (the operator reacts asynchronously)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-
-
-class Operator:
-    """`python -m ttt_operator` as the Deployment runs it, configured through its environment."""
-
-    def __init__(self, env: dict[str, str], log: Path):
-        self.env, self.log, self.proc = env, log, None
-
-    def start(self) -> None:
-        port = free_port()
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ttt_operator", "--liveness", f"http://127.0.0.1:{port}/healthz"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_for(f"http://127.0.0.1:{port}/healthz", self.proc, seconds=60)
-        except RuntimeError:
-            raise RuntimeError(f"operator did not start:\n{self.log.read_text()[-3000:]}") from None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
 
 
 @pytest.fixture(scope="module")
@@ -96,51 +66,7 @@ def cluster(apiserver, tmp_path_factory, mlflow_server):
 @pytest.fixture()
 def k(cluster):
     """kubectl in the test namespace; returns stdout, or parsed JSON for `-o json`."""
-
-    def run(*args: str, stdin: str | None = None, check: bool = True) -> Any:
-        proc = subprocess.run(
-            ["kubectl", "--request-timeout=20s", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "KUBECONFIG": str(cluster["kubeconfig"])},
-            timeout=60,
-        )
-        if check and proc.returncode:
-            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stderr}")
-        if "-o" in args and args[args.index("-o") + 1] == "json" and proc.returncode == 0:
-            return json.loads(proc.stdout)
-        return proc if not check else proc.stdout
-
-    return run
-
-
-def tttjob(name: str, **spec: Any) -> str:
-    job = yaml.safe_load(TINY.read_text())
-    job["metadata"]["name"] = name
-    job["spec"].update(spec)
-    return yaml.safe_dump(job)
-
-
-def get(k, kind: str, name: str) -> dict | None:
-    proc = k("get", kind, name, "-o", "json", check=False)
-    return proc if isinstance(proc, dict) else None
-
-
-def phase_is_kind(k, kind: str, name: str, phase: str) -> Callable[[], dict | None]:
-    def probe() -> dict | None:
-        obj = get(k, kind, name)
-        return obj if obj and obj.get("status", {}).get("phase") == phase else None
-
-    return probe
-
-
-def phase_is(k, name: str, phase: str) -> Callable[[], dict | None]:
-    return phase_is_kind(k, "tttjob", name, phase)
-
-
-def set_rayjob_status(k, name: str, **status: str) -> None:
-    k("patch", "rayjob", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
+    return kubectl(cluster["kubeconfig"])
 
 
 def rayjob_schema() -> dict:
