@@ -21,7 +21,7 @@ from ttt.train.report import read_progress
 from ttt_operator import builders, sweep_tracking, sweeps
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION, SpecError
 from ttt_operator.cluster import Cluster, KubeRayMissing, load_credentials
-from ttt_operator.reconcile import blocked, by_attempt, plan
+from ttt_operator.reconcile import annotate_preemptions, blocked, by_attempt, plan
 from ttt_operator.settings import Settings
 from ttt_operator.status import FAILED, PENDING, TERMINAL, now_iso
 
@@ -69,7 +69,8 @@ def reconcile(namespace: str, name: str) -> None:
         if todo.create is not None and not isinstance(config, SpecError):
             try:
                 api.create(builders.config_map(job, todo.create, config))
-                api.create(builders.ray_job(job, todo.create, config, SETTINGS))
+                rayjob = builders.ray_job(job, todo.create, config, SETTINGS)
+                api.create(annotate_preemptions(rayjob, todo.status["preemptedAttempts"]))
             except ApiException as exc:
                 if exc.status not in REFUSED:
                     raise  # transient: kopf retries the handler

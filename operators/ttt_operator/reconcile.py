@@ -7,7 +7,8 @@ the backoff limit, or when there is none (first start, resume after suspend, Ray
 An attempt whose run reported that it was stopped on request after a checkpoint (preemption, eviction,
 node drain: `state: preempted` in its progress.json, written by that attempt) failed as a RayJob but is
 recorded in `status.preemptedAttempts` instead, retried with reason `Preempted` and not counted against
-backoffLimit.
+backoffLimit. Each RayJob also carries the preempted attempts before it (an annotation), so that a status
+update lost with a crashed operator, after progress.json has moved on to the next attempt, loses none.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from ttt_operator.status import (
 )
 
 _ACTIVE = (Outcome.STARTING, Outcome.QUEUED, Outcome.RUNNING)
+PREEMPTED_ANNOTATION = "ttt.dev/preempted-attempts"
+"""On a RayJob: the attempts before it that were preempted, as the operator knew when it created it."""
 
 
 @dataclass
@@ -66,7 +69,7 @@ def plan(
     attempt = max(int(old.get("attempt") or 0), max(rayjobs, default=0))
     current = rayjobs.get(attempt)
     result = outcome(current) if current else None
-    preempted = set(old.get("preemptedAttempts") or [])
+    preempted = set(old.get("preemptedAttempts") or []) | recorded_preemptions(rayjobs)
     if result is Outcome.FAILED and was_preempted(report, attempt):
         preempted.add(attempt)
     failed = sum(outcome(rj) is Outcome.FAILED and n not in preempted for n, rj in rayjobs.items())
@@ -143,6 +146,23 @@ def plan(
             "workers": config.scale.workers,
         }
     out.status = status
+    return out
+
+
+def annotate_preemptions(rayjob: dict[str, Any], preempted: list[int] | None) -> dict[str, Any]:
+    """`rayjob` naming the preempted attempts before it: it is created before the status that records them,
+    and a crash in between must not turn them into failures."""
+    if preempted:
+        rayjob["metadata"].setdefault("annotations", {})[PREEMPTED_ANNOTATION] = ",".join(map(str, preempted))
+    return rayjob
+
+
+def recorded_preemptions(rayjobs: dict[int, dict[str, Any]]) -> set[int]:
+    """The preempted attempts that the RayJobs' annotations name."""
+    out = set()
+    for rayjob in rayjobs.values():
+        text = (rayjob["metadata"].get("annotations") or {}).get(PREEMPTED_ANNOTATION, "")
+        out.update(int(n) for n in text.split(",") if n.strip().isdigit())
     return out
 
 
