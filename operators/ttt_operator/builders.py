@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from ttt import config as cfgmod
@@ -123,7 +124,10 @@ def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
     data["train"]["device"] = "cuda" if gpus else "cpu"
     data["train"]["stop_grace_s"] = grace_seconds(spec) - STOP_MARGIN_S
     mlflow = spec.get("mlflow") or {}
-    data["storage"]["root"] = storage_root(spec, settings)
+    root = data["storage"]["root"] = storage_root(spec, settings)
+    # Every Ray pod mounts the runs volume at the same path: a local root there is shared by the nodes.
+    on_volume = PurePosixPath(root).is_relative_to(settings.runs_mount)
+    data["storage"]["shared"] = bool(settings.runs_pvc) and not root.startswith("s3://") and on_volume
     data["tracking"].update(
         uri=mlflow.get("trackingUri") or settings.mlflow_tracking_uri or data["tracking"]["uri"],
         experiment=mlflow.get("experiment", "ttt-e2e"),

@@ -15,16 +15,19 @@ import threading
 import time
 from pathlib import Path
 
+from tests.integration.hosts import Host
 from tests.integration.services import BIN, free_port, stop, wait_for
 
 
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts under `base`."""
+    """`mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts under `base`; or on
+    `host`, one of the drills' network hosts (tests.integration.hosts), at its address."""
 
-    def __init__(self, base: Path, port: int | None = None):
+    def __init__(self, base: Path, port: int | None = None, host: Host | None = None):
         self.base = Path(base)
-        self.port = port or free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or (5000 if host else free_port())
+        self.uri = f"http://{host.address if host else '127.0.0.1'}:{self.port}"
         self.proc: subprocess.Popen | None = None
         self._shm_before: set[Path] = set()
 
@@ -38,7 +41,7 @@ class MlflowServer:
             str(BIN / "mlflow"),
             "server",
             "--host",
-            "127.0.0.1",
+            self.host.address if self.host else "127.0.0.1",
             "--port",
             str(self.port),
             "--workers",
@@ -48,9 +51,14 @@ class MlflowServer:
             "--artifacts-destination",
             str(self.base / "artifacts"),
         ]
+        if self.host:
+            command = self.host.command(command)
         with open(self.base / "server.log", "ab") as log:
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        wait_for(f"{self.uri}/health", self.proc, seconds=seconds)
+        if self.host:
+            self.host.call(wait_for, f"{self.uri}/health", self.proc, seconds)
+        else:
+            wait_for(f"{self.uri}/health", self.proc, seconds=seconds)
         return time.monotonic() - began
 
     def stop(self) -> None:

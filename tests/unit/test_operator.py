@@ -4,6 +4,7 @@ RayJob status → TTTJob status; the reconcile decision in every situation a job
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import jsonschema
@@ -130,6 +131,17 @@ def test_runs_volume_only_for_path_storage():
     on_s3 = builders.ray_job(s3_job, 1, builders.render_config(s3_job, SETTINGS), SETTINGS)
     volumes = on_s3["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
     assert "runs" not in {v["name"] for v in volumes}
+
+
+def test_a_local_root_is_shared_only_on_the_runs_volume():
+    """Every Ray pod mounts the runs volume: the launcher lets a run span nodes on it (storage.shared)."""
+    job = example("tiny-cpu")
+    assert builders.render_config(job, SETTINGS).storage.shared
+    outside = dataclasses.replace(SETTINGS, storage_uri="/scratch/runs")
+    assert not builders.render_config(job, outside).storage.shared
+    assert not builders.render_config(job, dataclasses.replace(SETTINGS, runs_pvc=None)).storage.shared
+    s3_job = example("125m-pretrain-8k")
+    assert not builders.render_config(s3_job, SETTINGS).storage.shared
 
 
 def test_spec_precedence_recipe_config_overrides_knobs():

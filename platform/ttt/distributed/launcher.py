@@ -90,6 +90,33 @@ def check_placement(scale: ScaleConfig) -> None:
         raise UserError(f"scale.workers: {scale.workers} workers cannot be placed ({detail})")
 
 
+def check_shared_storage(job: JobConfig) -> None:
+    """A local storage.root on a Ray cluster of several nodes: each node would write its checkpoint shards
+    (and the driver its stop marker) to its own disk, and a restarted worker group could not resume."""
+    import ray
+
+    root = job.storage.root
+    if root.startswith("s3://") or job.storage.shared:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        raise UserError(
+            f"storage.root: '{root}' is a local path, but the Ray cluster has {len(nodes)} nodes, each "
+            "with its own disk: use s3://bucket/prefix, or set storage.shared=true if every node mounts "
+            "it (a ReadWriteMany volume)"
+        )
+
+
+def _worker_hosts(rank: int) -> list[str]:
+    """Each rank's node address, as every rank sees them: MLflow and progress.json say where it ran."""
+    import ray
+    import torch.distributed as dist
+
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, ray.util.get_node_ip_address())
+    return [str(host) for host in hosts]
+
+
 def _report(metrics: dict, payload: dict | None, rank: int) -> None:
     """Every rank reports (Ray Train requires it); rank 0 attaches a small checkpoint with `payload`."""
     import ray.train
@@ -115,6 +142,7 @@ def _worker(config: dict) -> None:
         world_size=context.get_world_size(),
         progress=config["progress"],
         stop_token=config["stop_token"],
+        hosts=_worker_hosts(rank),
         # Ray Train hears of each complete checkpoint; the checkpoint itself stays in the run directory,
         # where a restarted trainer finds the newest complete one.
         on_checkpoint=lambda step, uri: _report({"step": step}, {"checkpoint": uri, "step": step}, rank),
@@ -159,6 +187,7 @@ def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_placement(job.scale)
+    check_shared_storage(job)
     use_gpu = job.scale.gpus_per_worker > 0
     ray_dir = job.storage.root.rstrip("/") + "/_ray"
     token = uuid.uuid4().hex[:16]  # names this driver's stop marker: an older driver's cannot stop this one
@@ -167,7 +196,10 @@ def launch(job: JobConfig, run_name: str, progress: bool = True) -> RunResult:
         _worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=job.scale.workers, use_gpu=use_gpu, resources_per_worker=worker_resources(job.scale)
+            num_workers=job.scale.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=worker_resources(job.scale),
+            placement_strategy=job.scale.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import socket
 import sys
 import tempfile
 import time
@@ -107,12 +108,15 @@ class Trainer:
         on_checkpoint: Callable[[int, str], None] | None = None,
         on_metrics: Callable[[dict[str, float], int], None] | None = None,
         stop_token: str | None = None,
+        hosts: list[str] | None = None,
     ):
         """`on_checkpoint(step, uri)` runs on every rank after each complete checkpoint (Ray Train hears
         of checkpoints through it). `on_metrics(metrics, step)` runs on every rank after each step's
         training metrics and each periodic evaluation (a sweep's early stopping watches them).
         `stop_token` names the run directory's marker by which a distributed run's driver asks its
-        workers to stop (see ttt.train.preemption)."""
+        workers to stop (see ttt.train.preemption). `hosts` names each rank's node (tagged on the MLflow
+        run and written to progress.json: which machines ran the attempt)."""
+        self.hosts = hosts or [socket.gethostname()]
         self.stop_token = stop_token
         self.stopped = False
         self.on_checkpoint = on_checkpoint
@@ -199,6 +203,9 @@ class Trainer:
             {
                 "ttt.variant": variant_label(job),
                 "ttt.run_dir": storage.uri,
+                "ttt.hosts": ",".join(self.hosts),
+                # The newest attempt's starting point (a restart after a lost node or a preemption).
+                **({"ttt.resumed_from": last_checkpoint} if last_checkpoint else {}),
                 "ttt.kernels": kernels_label(job.model, device, uses_bf16(device, cfg.precision)),
             },
             run_dir=storage,
@@ -214,6 +221,7 @@ class Trainer:
                     storage.write_bytes("config.yaml", to_yaml(job).encode())
                 tracker.log_text(to_yaml(job), "config.yaml")
                 known = self._checkpoint_info(state.step, last_checkpoint)
+                report.data["hosts"] = self.hosts
                 report.start(state.step, state.mlflow_run_id, tracker.uri, known)
                 checkpoints = _Checkpoints(self, checkpointer, engine, state, job, last_checkpoint)
                 self._loop(engine, train, val, state, autocast, device, checkpoints, stop)
