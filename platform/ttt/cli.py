@@ -103,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.run_name:
         overrides.append(f"tracking.run_name={args.run_name}")
-    if args.workers:
+    if args.workers is not None:  # 0 too: the config refuses it, naming scale.workers
         overrides.append(f"scale.workers={args.workers}")
     if args.zero_stage is not None:
         overrides.append(f"scale.zero_stage={args.zero_stage}")

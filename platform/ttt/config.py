@@ -27,16 +27,22 @@ from pydantic.dataclasses import dataclass
 
 from ttt.errors import UserError
 
-_SECTION = ConfigDict(extra="forbid")
+# Unknown keys are errors, and so are NaN and infinity: no field means anything by them.
+_SECTION = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ConfigError(UserError):
     """A configuration value is wrong; `field` is its dotted path (e.g. ``ttt.mini_batch_size``)."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
+        self.field = one_line(field)
+        self.message = one_line(message)
+        super().__init__(f"{self.field}: {self.message}")
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped: an error is printed as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 @dataclass(config=_SECTION, frozen=True)
@@ -207,11 +213,6 @@ class ScaleConfig:
     placement_timeout_s: float = Field(
         120.0, gt=0, description="How long to wait for Ray to place all workers before giving up."
     )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK",
-        description="Ray placement of the workers: PACK fills a node first, STRICT_SPREAD puts each "
-        "worker on a node of its own.",
-    )
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -240,11 +241,6 @@ class StorageConfig:
     """Where runs write: <root>/<run name>/ holds the resolved config and the checkpoints."""
 
     root: str = Field("runs", min_length=1, description="Local directory or s3://bucket/prefix.")
-    shared: bool = Field(
-        False,
-        description="A local root is a file system every Ray node mounts at the same path (a "
-        "ReadWriteMany volume, NFS); without it a run on a Ray cluster of several nodes needs s3://.",
-    )
 
     def __post_init__(self) -> None:
         if "://" in self.root and not self.root.startswith("s3://"):
@@ -392,13 +388,21 @@ def from_yaml(text: str, source: str = "<yaml>") -> JobConfig:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(source, f"not valid YAML: {exc}") from None
+        raise ConfigError(source, f"not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(source, "a config file must hold a mapping")
     base = data.pop("preset", None)
     if base is None:
         return JobConfig.from_dict(data)
     return JobConfig.from_dict(_deep_merge(preset(str(base)).to_dict(), data))
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    text = problem or " ".join(str(exc).split())
+    return f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark else text
 
 
 def load(path: str | Path) -> JobConfig:
@@ -450,7 +454,10 @@ def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(item, "an override must look like section.field=value")
+            # Named by what was typed; an empty item has nothing to name but itself as an override.
+            raise ConfigError(item.strip() or "override", "an override must look like section.field=value")
+        if "" in key.split("."):
+            raise ConfigError(key, "is not a dotted field name such as train.total_steps")
         node = data
         *parents, leaf = key.split(".")
         for i, part in enumerate(parents):
@@ -463,10 +470,23 @@ def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
         if isinstance(node.get(leaf), dict):
             raise ConfigError(key, "is a section; override one of its fields")
         try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else raw
+            value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
-            node[leaf] = raw
+            value = raw
+        if isinstance(node.get(leaf), str | None) and _takes_text(key) and not isinstance(value, str | None):
+            value = raw.strip()  # a name like 2024-01-01, 123 or yes is that text, not a date, int or bool
+        node[leaf] = value
     return JobConfig.from_dict(data)
+
+
+def _takes_text(key: str) -> bool:
+    """The dotted field holds text (str or str | None), so a typed value is the text that was typed."""
+    section, _, name = key.partition(".")
+    cls = _section_types(JobConfig).get(section)
+    if cls is None or not dataclasses.is_dataclass(cls) or name not in _section_types(cls):
+        return False
+    kind = _section_types(cls)[name]
+    return kind is str or set(typing.get_args(kind)) == {str, type(None)}
 
 
 def merge(cfg: JobConfig, partial: Mapping[str, Any], source: str = "config") -> JobConfig:
