@@ -6,6 +6,7 @@ Each input file is one document; documents are concatenated with BOS before each
 
 from __future__ import annotations
 
+import codecs
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,51 +17,55 @@ from ttt.data.streams import DataError, upload_dataset, write_dataset
 from ttt.data.tokenizer import ByteTokenizer, Tokenizer
 from ttt.storage import cache_dir
 
-# Files in a folder that count as documents (a file named explicitly always counts).
-TEXT_SUFFIXES = (
-    ".txt",
-    ".md",
-    ".rst",
-    ".tex",
-    ".html",
-    ".xml",
-    ".json",
-    ".jsonl",
-    ".csv",
-    ".yaml",
-    ".yml",
-    ".toml",
-    ".py",
-    ".c",
-    ".h",
-    ".cc",
-    ".cpp",
-    ".rs",
-    ".go",
-    ".java",
-    ".js",
-    ".ts",
-    ".sh",
-)
+SNIFF_BYTES = 8192
+"""How much of a file decides whether it is text: a NUL byte or invalid UTF-8 there makes it binary."""
 
 
-def find_documents(inputs: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
-    files: list[Path] = []
-    for item in map(Path, inputs):
+def is_text(path: Path) -> bool:
+    """Text whatever the extension (Perl .pm, a README): the leading chunk decodes as strict UTF-8 (a BOM
+    is valid UTF-8) and holds no NUL byte. Latin-1 files and other encodings count as binary."""
+    with open(path, "rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    if b"\0" in head:
+        return False
+    try:  # a chunk shorter than the file may end inside a multi-byte character
+        codecs.getincrementaldecoder("utf-8")("strict").decode(head, final=len(head) < SNIFF_BYTES)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def find_documents(inputs: Iterable[str | Path]) -> tuple[list[Path], int]:
+    """The text files among `inputs` (files, and folders searched recursively, hidden entries left out),
+    and how many files were skipped as binary."""
+    candidates: list[Path] = []
+    for text in map(str, inputs):
+        item = Path(text)
+        if not text.strip():
+            raise DataError("an input is an empty path: name a text file or a folder")
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix in suffixes)
+            candidates += sorted(
+                p
+                for p in item.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
         elif item.is_file():
-            files.append(item)
+            candidates.append(item)
         else:
             raise DataError(f"input '{item}' does not exist")
+    files = [p for p in dict.fromkeys(candidates) if is_text(p)]
+    skipped = len(dict.fromkeys(candidates)) - len(files)
     if not files:
-        raise DataError(f"no text files ({', '.join(suffixes)}) found in {', '.join(map(str, inputs))}")
-    return files
+        where = ", ".join(map(str, inputs))
+        raise DataError(f"no text files found in {where} ({skipped} binary files skipped)")
+    return files, skipped
 
 
 def build_streams(
     files: list[Path], tokenizer: Tokenizer, val_every: int = 20
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    if val_every < 2:  # 1 would hold out every document and leave none to train on
+        raise DataError(f"val_every: {val_every} must be at least 2 (every N-th document is held out)")
     if len(files) < 2:
         raise DataError("need at least two documents: one for training and one for validation")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -78,7 +83,7 @@ def prepare(
     inputs: list[str], output: str, tokenizer: Tokenizer, val_every: int = 20, source: str | None = None
 ) -> dict:
     """Tokenize text files/folders into `output` (a folder or s3:// prefix); returns the metadata."""
-    files = find_documents(inputs)
+    files, skipped = find_documents(inputs)
     splits, counts = build_streams(files, tokenizer, val_every)
     meta = {
         "tokenizer": tokenizer.name,
@@ -88,6 +93,7 @@ def prepare(
         "tokens_train": int(splits["train"].size),
         "tokens_val": int(splits["val"].size),
         **counts,
+        "files_skipped": skipped,  # binaries (not UTF-8 text) found in the inputs
         "source": source or ", ".join(map(str, inputs)),
     }
     if output.startswith("s3://"):

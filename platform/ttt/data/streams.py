@@ -80,6 +80,10 @@ def open_dataset(location: str, splits: tuple[str, ...] = ("train", "val")) -> D
         local = _fetch_s3(location, splits)
     else:
         local = Path(location)
+        if local.is_file():  # e.g. one of its streams, train.npy, named instead of the folder
+            raise DataError(
+                f"dataset '{location}' is a file, not a dataset directory (a folder with train/val streams)"
+            )
         if not local.is_dir():
             raise DataError(f"dataset '{location}' does not exist (run `ttt data prepare` to make one)")
     meta_file = local / "meta.json"
@@ -113,8 +117,18 @@ def _fetch_s3(location: str, splits: tuple[str, ...]) -> Path:
     except Exception as exc:  # botocore errors: no credentials, no bucket, unreachable endpoint
         raise DataError(f"cannot read dataset {location}: {exc}") from None
     if not dest.is_dir():
+        if storage.prefix and _is_object(storage):
+            raise DataError(f"dataset '{location}' is an object, not a prefix of a dataset's streams")
         raise DataError(f"dataset '{location}' has no streams")
     return dest
+
+
+def _is_object(storage: S3Storage) -> bool:
+    """The prefix is itself an object's key (s3://bucket/data/train.npy instead of s3://bucket/data)."""
+    try:
+        return storage.exists("")
+    except Exception:  # no access to say: report what is missing instead
+        return False
 
 
 def _atomic_download(storage: S3Storage, name: str, target: Path) -> None:
