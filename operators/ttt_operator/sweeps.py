@@ -68,7 +68,10 @@ def trial_job(sweep: dict[str, Any], trial: Trial, parent_run_id: str | None = N
         overrides.append(f"tracking.parent_run_id={json.dumps(parent_run_id)}")
     for name, value in trial.params.items():
         if name in _KNOB_OF:
-            spec.setdefault("ttt", {})[_KNOB_OF[name]] = value
+            # The checked config's value: the knob is an integer in the CRD even when the sweep listed
+            # "32" or 32.0, which the config accepts and the API server would refuse.
+            section, key = name.split(".")
+            spec.setdefault("ttt", {})[_KNOB_OF[name]] = getattr(getattr(trial.config, section), key)
         else:
             overrides.append(f"{name}={json.dumps(value)}")
     if overrides:

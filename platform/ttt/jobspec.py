@@ -50,6 +50,8 @@ def job_config(spec: Mapping[str, Any]) -> cfgmod.JobConfig:
         cfg = _base_config(spec)
         cfg = cfgmod.apply_overrides(cfg, spec.get("overrides") or [])
     except cfgmod.ConfigError as exc:
+        if exc.field.startswith("spec."):  # already named in the resource (spec.config.preset)
+            raise SpecError(exc.field, exc.message) from None
         where = "spec.overrides" if _from_overrides(exc, spec) else "spec.config"
         raise SpecError(f"{where}.{exc.field}", exc.message) from None
     data = cfg.to_dict()
@@ -76,4 +78,5 @@ def _base_config(spec: Mapping[str, Any]) -> cfgmod.JobConfig:
 
 
 def _from_overrides(exc: cfgmod.ConfigError, spec: Mapping[str, Any]) -> bool:
-    return any(item.split("=", 1)[0].strip() == exc.field for item in spec.get("overrides") or [])
+    keys = [item.split("=", 1)[0].strip() for item in spec.get("overrides") or []]
+    return exc.field == "override" or any(k == exc.field or k.startswith(exc.field + ".") for k in keys)

@@ -23,7 +23,9 @@ from pydantic.dataclasses import dataclass
 from ttt import config as cfgmod
 from ttt.config import ConfigError, JobConfig
 
-_STRICT = ConfigDict(extra="forbid")
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or infinite bound is no range
+MAX_TRIALS = 10_000
+"""More trials than this is a typo (a step of 1e-9), not a sweep: refused before any is built."""
 
 # What a trial can be judged by: the metrics the trainer logs after its final evaluation.
 OBJECTIVE_METRICS = {
@@ -44,7 +46,9 @@ class Parameter:
     min: float | None = None
     max: float | None = None
     step: float | None = Field(None, gt=0, description="Grid spacing of a linear range.")
-    num: int | None = Field(None, ge=1, description="Grid points of a range (log ranges: geometric).")
+    num: int | None = Field(
+        None, ge=1, le=MAX_TRIALS, description="Grid points of a range (log ranges: geometric)."
+    )
     scale: Literal["linear", "log"] = Field("linear", description="How a range is spaced or sampled.")
 
 
@@ -74,7 +78,9 @@ class SweepSpec:
         default_factory=list, description="Applied to every trial before its values."
     )
     algorithm: Literal["grid", "random"] = "grid"
-    max_trials: int | None = Field(None, ge=1, description="grid: a cap (error if exceeded); random: trials.")
+    max_trials: int | None = Field(
+        None, ge=1, le=MAX_TRIALS, description="grid: a cap (error if exceeded); random: trials."
+    )
     parallelism: int = Field(1, ge=1, description="Trials running at once.")
     objective: Objective = field(default_factory=Objective)
     early_stopping: EarlyStopping | None = None
@@ -152,6 +158,8 @@ def check(spec: SweepSpec) -> None:
             raise ConfigError(where, "a grid over a range needs step or num")
         if p.step is not None and p.scale == "log":
             raise ConfigError(f"{where}.step", "a log range is gridded by num, not step")
+        if p.step is not None and (p.max - p.min) / p.step >= MAX_TRIALS:
+            raise ConfigError(f"{where}.step", f"{p.step:g} makes more than {MAX_TRIALS} points in the range")
     if spec.objective.metric not in OBJECTIVE_METRICS:
         known = ", ".join(OBJECTIVE_METRICS)
         raise ConfigError(
@@ -219,14 +227,16 @@ def combinations(spec: SweepSpec, base: JobConfig) -> list[dict[str, Any]]:
     names = [p.name for p in spec.parameters]
     if spec.algorithm == "grid":
         axes = [_grid_values(p, kind) for p, kind in zip(spec.parameters, kinds, strict=True)]
-        combos = [dict(zip(names, values, strict=True)) for values in itertools.product(*axes)]
-        if spec.max_trials is not None and len(combos) > spec.max_trials:
+        size = math.prod(len(axis) for axis in axes)  # counted before the product is built
+        if spec.max_trials is None and size > MAX_TRIALS:
+            raise ConfigError("parameters", f"the grid has {size} combinations, more than {MAX_TRIALS}")
+        if spec.max_trials is not None and size > spec.max_trials:
             raise ConfigError(
                 "max_trials",
-                f"the grid has {len(combos)} combinations, more than max_trials {spec.max_trials}: "
+                f"the grid has {size} combinations, more than max_trials {spec.max_trials}: "
                 "raise max_trials or list fewer values",
             )
-        return combos
+        return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes)]
     rng = random.Random(spec.seed)
     count = spec.max_trials or 10
     return [
@@ -313,7 +323,7 @@ def load_any(path: str) -> tuple[SweepSpec, JobConfig]:
     except OSError as exc:
         raise ConfigError(path, f"cannot read sweep file: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(path, f"not valid YAML: {exc}") from None
+        raise ConfigError(path, f"not valid YAML: {cfgmod.yaml_problem(exc)}") from None
     if isinstance(data, Mapping) and data.get("kind") == "TTTSweep":
         spec, template = from_resource(data)
         return spec, job_config(template)
