@@ -213,6 +213,11 @@ class ScaleConfig:
     placement_timeout_s: float = Field(
         120.0, gt=0, description="How long to wait for Ray to place all workers before giving up."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement of the workers: PACK fills a node first, STRICT_SPREAD puts each "
+        "worker on a node of its own.",
+    )
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -241,6 +246,11 @@ class StorageConfig:
     """Where runs write: <root>/<run name>/ holds the resolved config and the checkpoints."""
 
     root: str = Field("runs", min_length=1, description="Local directory or s3://bucket/prefix.")
+    shared: bool = Field(
+        False,
+        description="A local root is a file system every Ray node mounts at the same path (a "
+        "ReadWriteMany volume, NFS); without it a run on a Ray cluster of several nodes needs s3://.",
+    )
 
     def __post_init__(self) -> None:
         if "://" in self.root and not self.root.startswith("s3://"):
