@@ -67,10 +67,13 @@ def reconcile(namespace: str, name: str) -> None:
         for rayjob in todo.delete:
             api.delete("RayJob", namespace, rayjob)
         if todo.create is not None and not isinstance(config, SpecError):
+            # Both children are built before either is created: a spec that cannot render leaves none.
+            config_map = builders.config_map(job, todo.create, config)
+            rayjob = builders.ray_job(job, todo.create, config, SETTINGS)
+            rayjob = annotate_preemptions(rayjob, todo.status["preemptedAttempts"])
             try:
-                api.create(builders.config_map(job, todo.create, config))
-                rayjob = builders.ray_job(job, todo.create, config, SETTINGS)
-                api.create(annotate_preemptions(rayjob, todo.status["preemptedAttempts"]))
+                api.create(config_map)
+                api.create(rayjob)
             except ApiException as exc:
                 if exc.status not in REFUSED:
                     raise  # transient: kopf retries the handler

@@ -98,6 +98,22 @@ def test_prepare_holds_out_every_nth_document(tmp_path):
     assert json.loads((tmp_path / "ds" / "meta.json").read_text())["vocab_size"] == 257
 
 
+def test_prepare_replaces_an_earlier_dataset_but_never_other_files(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"{i}.txt").write_text(f"document {i}\n")
+    prepare([str(docs)], str(tmp_path / "ds"), ByteTokenizer(), val_every=2)
+    (docs / "4.txt").write_text("document 4\n")
+    assert prepare([str(docs)], str(tmp_path / "ds"), ByteTokenizer(), val_every=2)["documents_train"] == 3
+    with pytest.raises(DataError, match=r"--output: .* not a prepared dataset"):
+        prepare([str(docs)], str(docs), ByteTokenizer(), val_every=2)  # would delete the sources
+    assert sorted(p.name for p in docs.iterdir()) == [f"{i}.txt" for i in range(5)]
+    with pytest.raises(DataError, match="is a file"):
+        prepare([str(docs)], str(docs / "0.txt"), ByteTokenizer(), val_every=2)
+    assert (docs / "0.txt").read_text() == "document 0\n"
+
+
 def test_prepare_refuses_missing_and_empty_inputs(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         prepare([str(tmp_path / "nope")], str(tmp_path / "ds"), ByteTokenizer())

@@ -79,10 +79,24 @@ def build_streams(
     return splits, counts
 
 
+def check_replaceable(folder: Path) -> None:
+    """The output folder is replaced as a whole: refuse one that holds anything but an earlier dataset
+    (an --output pointed at the sources, or at a home folder, must not delete them)."""
+    if folder.is_file():
+        raise DataError(f"--output: '{folder}' is a file; give a new folder or an earlier dataset's")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "meta.json").is_file():
+        raise DataError(
+            f"--output: '{folder}' holds files that are not a prepared dataset (no meta.json); it would be "
+            "replaced as a whole: give a new or empty folder"
+        )
+
+
 def prepare(
     inputs: list[str], output: str, tokenizer: Tokenizer, val_every: int = 20, source: str | None = None
 ) -> dict:
     """Tokenize text files/folders into `output` (a folder or s3:// prefix); returns the metadata."""
+    if not output.startswith("s3://"):
+        check_replaceable(Path(output))
     files, skipped = find_documents(inputs)
     splits, counts = build_streams(files, tokenizer, val_every)
     meta = {
