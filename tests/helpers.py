@@ -59,3 +59,17 @@ def random_model(job: JobConfig, seed: int = 0, dtype: torch.dtype = torch.float
             else:
                 param.normal_(0.0, 0.3)
     return model
+
+
+def generated(n: int):
+    """Hypothesis settings for `n` examples, the same ones on every run (derandomized, no example database):
+    CI sees what a developer saw."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=n,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )

@@ -37,6 +37,19 @@ def eventually(probe: Callable[[], Any], what: str, seconds: float = 30.0) -> An
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
+def operator_env(kubeconfig: Path, namespace: str, runs: Path, **extra: str) -> dict[str, str]:
+    """The environment the chart gives the operator, pointed at the test API server and `namespace`."""
+    return {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "TTT_OPERATOR_NAMESPACES": namespace,
+        "TTT_STORAGE_URI": str(runs),
+        "TTT_DEFAULT_IMAGE": IMAGE,
+        "TTT_POLL_SECONDS": "1",
+        **extra,
+    }
+
+
 class Operator:
     """`python -m ttt_operator` as the Deployment runs it, configured through its environment."""
 

@@ -12,10 +12,10 @@ import copy
 from functools import lru_cache
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import DATA, ROOT
+from tests.helpers import DATA, ROOT, generated
 from tests.kube.crdschema import admit
 from ttt import config as cfgmod
 from ttt.config import ConfigError
@@ -29,16 +29,6 @@ SWEEP_CRD = yaml.safe_load((CRDS / "tttsweeps.ttt.dev.yaml").read_text())
 RAYJOB_CRD = yaml.safe_load((DATA / "kuberay" / "ray.io_rayjobs.yaml").read_text())
 SETTINGS = Settings()
 FIELDS = sorted(cfgmod.flatten(cfgmod.preset("tiny")))
-
-
-def generated(n: int):
-    return settings(
-        max_examples=n,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
 
 
 @lru_cache(maxsize=1)

@@ -26,6 +26,7 @@ from tests.kube.drive import (
     eventually,
     get,
     kubectl,
+    operator_env,
     phase_is,
     phase_is_kind,
     set_rayjob_status,
@@ -48,15 +49,7 @@ def cluster(apiserver, tmp_path_factory, mlflow_server):
     apiserver.load_crd(RAYJOB_CRD)
     apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig),
-        "TTT_OPERATOR_NAMESPACES": NAMESPACE,
-        "TTT_STORAGE_URI": str(base / "runs"),
-        "TTT_DEFAULT_IMAGE": IMAGE,
-        "TTT_POLL_SECONDS": "1",
-        "TTT_MLFLOW_TRACKING_URI": mlflow_server,
-    }
+    env = operator_env(kubeconfig, NAMESPACE, base / "runs", TTT_MLFLOW_TRACKING_URI=mlflow_server)
     operator = Operator(env, base / "operator.log")
     operator.start()
     yield {"operator": operator, "kubeconfig": kubeconfig, "base": base, "mlflow": mlflow_server}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,13 +20,13 @@ import pytest
 from tests.kube.apiserver import ApiError, FakeApiServer
 from tests.kube.drive import (
     CRD,
-    IMAGE,
     RAYJOB_CRD,
     Kubectl,
     Operator,
     eventually,
     get,
     kubectl,
+    operator_env,
     phase_is,
     set_rayjob_status,
     tttjob,
@@ -87,14 +86,7 @@ def drill(apiserver: FakeApiServer, tmp_path_factory: pytest.TempPathFactory) ->
     apiserver.load_crd(RAYJOB_CRD)
     apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
     kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig),
-        "TTT_OPERATOR_NAMESPACES": NAMESPACE,
-        "TTT_STORAGE_URI": str(base / "runs"),
-        "TTT_DEFAULT_IMAGE": IMAGE,
-        "TTT_POLL_SECONDS": "1",
-    }
+    env = operator_env(kubeconfig, NAMESPACE, base / "runs")
     operator = Operator(env, base / "operator.log")
     operator.start()
     yield {"operator": operator, "k": kubectl(kubeconfig), "server": apiserver}

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, generated
 from ttt import cli
 from ttt import config as cfgmod
 from ttt.config import ConfigError
@@ -32,18 +32,6 @@ from ttt.data.streams import DataError, open_dataset, write_dataset
 from ttt.data.tokenizer import ByteTokenizer
 from ttt.errors import UserError
 from ttt.sweep import spec as sweepmod
-
-
-def generated(n: int):
-    """`n` examples, the same ones on every run (the counts below add up to the issue's 300+)."""
-    return settings(
-        max_examples=n,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
-
 
 TINY = cfgmod.preset("tiny")
 FIELDS = sorted(cfgmod.flatten(TINY))
