@@ -419,6 +419,7 @@ def test_a_data_path_that_is_a_file_is_named_as_such(tmp_path):
         open_dataset(str(tmp_path / "train.npy"))
     message = assert_one_line(info.value)
     assert "is a file, not a dataset directory" in message and "does not exist" not in message
+    assert message.startswith("data.path: ")  # the field to fix
 
 
 def test_an_s3_data_path_that_is_an_object_is_named_as_such(monkeypatch, tmp_path):

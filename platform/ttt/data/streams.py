@@ -82,10 +82,10 @@ def open_dataset(location: str, splits: tuple[str, ...] = ("train", "val")) -> D
         local = Path(location)
         if local.is_file():  # e.g. one of its streams, train.npy, named instead of the folder
             raise DataError(
-                f"dataset '{location}' is a file, not a dataset directory (a folder with train/val streams)"
+                f"data.path: '{location}' is a file, not a dataset directory (a folder of train/val streams)"
             )
         if not local.is_dir():
-            raise DataError(f"dataset '{location}' does not exist (run `ttt data prepare` to make one)")
+            raise DataError(f"data.path: '{location}' does not exist (run `ttt data prepare` to make one)")
     meta_file = local / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return Dataset(location, local, meta)
@@ -115,11 +115,11 @@ def _fetch_s3(location: str, splits: tuple[str, ...]) -> Path:
     except StorageError as exc:
         raise DataError(str(exc)) from None
     except Exception as exc:  # botocore errors: no credentials, no bucket, unreachable endpoint
-        raise DataError(f"cannot read dataset {location}: {exc}") from None
+        raise DataError(f"data.path: cannot read dataset {location}: {exc}") from None
     if not dest.is_dir():
         if storage.prefix and _is_object(storage):
-            raise DataError(f"dataset '{location}' is an object, not a prefix of a dataset's streams")
-        raise DataError(f"dataset '{location}' has no streams")
+            raise DataError(f"data.path: '{location}' is an object, not a prefix of a dataset's streams")
+        raise DataError(f"data.path: '{location}' has no streams")
     return dest
 
 
