@@ -33,7 +33,6 @@ from typing import Any
 import yaml
 
 from ttt.config import ConfigError, JobConfig, TrackingConfig
-from ttt.distributed.launcher import absolute_paths, local_only_ray
 from ttt.errors import UserError
 from ttt.storage import join, open_storage
 from ttt.sweep.spec import OBJECTIVE_METRICS, Expansion, SweepSpec, Trial, expand
@@ -105,6 +104,9 @@ def trial_configs(
     spec: SweepSpec, expansion: Expansion, root: str, tracking_uri: str, parent_run_id: str | None
 ) -> list[JobConfig]:
     """Each trial's config as its worker runs it: under the sweep's folder, a child of the parent run."""
+    # Imported here: the launcher pulls in torch, and the operator imports this module to close sweeps.
+    from ttt.distributed import launcher
+
     configs = []
     for trial in expansion.trials:
         cfg = trial.config
@@ -117,7 +119,7 @@ def trial_configs(
             tags={**cfg.tracking.tags, "ttt.sweep": spec.name, "ttt.trial": str(trial.index)},
         )
         storage = dataclasses.replace(cfg.storage, root=join(root, spec.name))
-        configs.append(absolute_paths(dataclasses.replace(cfg, storage=storage, tracking=tracking)))
+        configs.append(launcher.absolute_paths(dataclasses.replace(cfg, storage=storage, tracking=tracking)))
     return configs
 
 
@@ -315,9 +317,11 @@ def _prepare_data(expansion: Expansion) -> None:
 def _start_ray(cpus: int) -> bool:
     """A private cluster on loopback (as `ttt train --workers` starts), unless one is running or
     RAY_ADDRESS names one. True when this call started it."""
+    from ttt.distributed import launcher
+
     address = os.environ.get("RAY_ADDRESS")
     if not address:
-        local_only_ray()
+        launcher.local_only_ray()
     import ray
 
     if ray.is_initialized():
