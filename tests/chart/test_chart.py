@@ -38,6 +38,8 @@ OPERATOR_CONTRACT = [
     "TTT_RUNS_MOUNT",
     "TTT_S3_ENDPOINT_URL",
     "TTT_S3_SECRET",
+    "TTT_IMAGE_PULL_SECRETS",
+    "TTT_RAYJOB_TTL_SECONDS",
     "TTT_RAY_VERSION",
     "TTT_LOG_LEVEL",
 ]
@@ -70,11 +72,11 @@ class Helm:
         assert result.returncode == 0, f"helm template {' '.join(value_args)} failed:\n{result.stderr}"
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
-    def template_error(self, values: dict[str, Any], tmp_path: Path) -> str:
+    def template_error(self, values: dict[str, Any], tmp_path: Path, *args: str) -> str:
         """Render with a values file that must be rejected; return helm's message."""
         values_file = tmp_path / "values.yaml"
         values_file.write_text(yaml.safe_dump(values))
-        result = self.run("template", RELEASE, str(CHART), "-f", str(values_file))
+        result = self.run("template", RELEASE, str(CHART), "-f", str(values_file), *args)
         assert result.returncode != 0, f"helm template accepted {values}"
         return result.stderr
 
@@ -236,6 +238,8 @@ def test_operator_env_with_defaults(default_objects: list[dict[str, Any]]) -> No
         "TTT_RUNS_MOUNT": "/runs",
         "TTT_S3_ENDPOINT_URL": "",
         "TTT_S3_SECRET": "",
+        "TTT_IMAGE_PULL_SECRETS": "",
+        "TTT_RAYJOB_TTL_SECONDS": "3600",
         "TTT_RAY_VERSION": "2.60.0",
         "TTT_LOG_LEVEL": "INFO",
     }
@@ -252,6 +256,8 @@ def test_operator_env_with_external_values(external_objects: list[dict[str, Any]
         "TTT_RUNS_MOUNT": "/runs",
         "TTT_S3_ENDPOINT_URL": "http://minio.storage.svc:9000",
         "TTT_S3_SECRET": "ttt-s3",
+        "TTT_IMAGE_PULL_SECRETS": "",
+        "TTT_RAYJOB_TTL_SECONDS": "3600",
         "TTT_RAY_VERSION": "2.60.0",
         "TTT_LOG_LEVEL": "DEBUG",
     }
@@ -267,12 +273,46 @@ def test_operator_env_follows_values(helm: Helm) -> None:
     )
     env = operator_env(objects)
     assert env["TTT_DEFAULT_IMAGE"] == "registry.example.com/ttt:1.2.3"
-    assert container(objects, f"{FULLNAME}-operator")["image"] == "registry.example.com/ttt:1.2.3"
+    # The operator has an image of its own; the tag follows image.tag.
+    assert container(objects, f"{FULLNAME}-operator")["image"] == "ttt-platform/operator:1.2.3"
     assert env["TTT_RAY_VERSION"] == "2.53.1"
     assert env["TTT_STORAGE_URI"] == "/runs/team-a"
     assert env["TTT_RUNS_PVC"] == f"{FULLNAME}-runs"
     assert env["TTT_MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
     assert not [obj for obj in objects if "mlflow" in obj["metadata"]["name"]]
+
+
+def test_pull_secrets_and_rayjob_ttl_reach_the_operator(helm: Helm) -> None:
+    chart_secrets = ("--set", "imagePullSecrets[0]=registry", "--set", "imagePullSecrets[1].name=mirror")
+    env = operator_env(helm.render(*chart_secrets, "--set", "operator.rayJobTTLSeconds=0"))
+    # By default TTTJobs pull with the chart's own secrets, whichever way they are written.
+    assert (env["TTT_IMAGE_PULL_SECRETS"], env["TTT_RAYJOB_TTL_SECONDS"]) == ("registry,mirror", "0")
+    env = operator_env(helm.render(*chart_secrets, "--set", "operator.jobImagePullSecrets={jobs-a,jobs-b}"))
+    assert env["TTT_IMAGE_PULL_SECRETS"] == "jobs-a,jobs-b"
+
+    from ttt_operator.settings import Settings
+
+    settings = Settings.from_env(env)
+    assert (settings.image_pull_secrets, settings.rayjob_ttl_seconds) == (("jobs-a", "jobs-b"), 3600)
+
+
+def test_images_from_a_registry_with_a_port(helm: Helm) -> None:
+    objects = helm.render(
+        *("--set", "image.repository=registry.local:5000/ttt", "--set", "image.tag=1.2.3"),
+        *("--set", "operator.image.repository=registry.local:5000/ttt-operator"),
+        *("--set", "mlflow.image.repository=registry.local:5000/ttt-mlflow"),
+    )
+    assert operator_env(objects)["TTT_DEFAULT_IMAGE"] == "registry.local:5000/ttt:1.2.3"
+    assert container(objects, f"{FULLNAME}-operator")["image"] == "registry.local:5000/ttt-operator:1.2.3"
+    assert container(objects, f"{FULLNAME}-mlflow")["image"] == "registry.local:5000/ttt-mlflow:1.2.3"
+
+
+def test_operator_and_mlflow_have_slim_images_of_their_own(default_objects: list[dict[str, Any]]) -> None:
+    assert container(default_objects, f"{FULLNAME}-operator")["image"] == "ttt-platform/operator:0.1.0"
+    assert container(default_objects, f"{FULLNAME}-mlflow")["image"] == "ttt-platform/mlflow:0.1.0"
+    hook = the(default_objects, "Pod", f"{FULLNAME}-test-mlflow")["spec"]["containers"][0]
+    assert hook["image"] == "ttt-platform/mlflow:0.1.0"
+    assert operator_env(default_objects)["TTT_DEFAULT_IMAGE"] == "ttt-platform/ttt:0.1.0"
 
 
 def test_operator_pod_hardening(default_objects: list[dict[str, Any]]) -> None:
@@ -380,10 +420,57 @@ def test_runs_volume_when_storage_is_a_path(default_objects: list[dict[str, Any]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert operator_env(default_objects)["TTT_RUNS_PVC"] == claim["metadata"]["name"]
+
+
+def test_operator_does_not_need_the_runs_volume(default_objects: list[dict[str, Any]]) -> None:
+    """A claim the default StorageClass cannot provide (ReadWriteMany on EKS, GKE, AKS) must not keep the
+    operator Pending, nor may the operator hold a ReadWriteOnce volume that Ray pods need."""
     pod = the(default_objects, "Deployment", f"{FULLNAME}-operator")["spec"]["template"]["spec"]
+    assert [volume["name"] for volume in pod["volumes"]] == ["tmp"]
+    assert [mount["name"] for mount in pod["containers"][0]["volumeMounts"]] == ["tmp"]
+
+
+def test_operator_mounts_the_runs_volume_when_asked(helm: Helm) -> None:
+    objects = helm.render("--set", "operator.mountRunsVolume=true")
+    pod = the(objects, "Deployment", f"{FULLNAME}-operator")["spec"]["template"]["spec"]
     runs = next(volume for volume in pod["volumes"] if volume["name"] == "runs")
-    assert runs["persistentVolumeClaim"]["claimName"] == operator_env(default_objects)["TTT_RUNS_PVC"]
+    assert runs["persistentVolumeClaim"] == {"claimName": f"{FULLNAME}-runs", "readOnly": True}
     assert {"name": "runs", "mountPath": "/runs", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"operator": {"watchNamespaces": ["team-a"]}},
+            'operator.watchNamespaces lists "team-a", but runs go to the PersistentVolumeClaim '
+            f'{FULLNAME}-runs in namespace "{NAMESPACE}"',
+        ),
+        (
+            {"operator": {"mountRunsVolume": True}, "storage": {"uri": "s3://bucket/runs"}},
+            "operator.mountRunsVolume: storage.uri is S3, there is no runs volume to mount",
+        ),
+        (
+            {
+                "operator": {"mountRunsVolume": True},
+                "storage": {"persistence": {"accessMode": "ReadWriteOncePod"}},
+            },
+            "operator.mountRunsVolume: a ReadWriteOncePod runs volume",
+        ),
+    ],
+    ids=["claim-in-another-namespace", "mount-without-volume", "mount-exclusive-volume"],
+)
+def test_storage_combinations_that_cannot_work_fail(
+    helm: Helm, tmp_path: Path, values: dict[str, Any], message: str
+) -> None:
+    assert message in helm.template_error(values, tmp_path, "-n", NAMESPACE)
+
+
+def test_runs_volume_with_the_release_namespace_watched(helm: Helm) -> None:
+    objects = helm.render("--set", f"operator.watchNamespaces={{{NAMESPACE}}}")
+    assert operator_env(objects)["TTT_OPERATOR_NAMESPACES"] == NAMESPACE
+    assert find(objects, "Role")[0]["metadata"]["namespace"] == NAMESPACE
 
 
 def test_no_volumes_when_everything_is_external(external_objects: list[dict[str, Any]]) -> None:
@@ -503,6 +590,9 @@ def test_values_schema_is_draft7_and_accepts_the_shipped_values() -> None:
         ({"operator": {"logLevel": "verbose"}}, "/operator/logLevel"),
         ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
         ({"storage": {"persistence": {"size": "lots"}}}, "/storage/persistence/size"),
+        # A tag belongs in image.tag; a registry port is fine (test_images_from_a_registry_with_a_port).
+        ({"image": {"repository": "registry.local:5000/ttt:1.0"}}, "/image/repository"),
+        ({"operator": {"rayJobTTLSeconds": -1}}, "/operator/rayJobTTLSeconds"),
     ],
 )
 def test_bad_values_fail_naming_the_key(helm: Helm, tmp_path: Path, values: dict[str, Any], key: str) -> None:
@@ -547,6 +637,23 @@ def test_notes_tell_the_next_commands(helm: Helm) -> None:
         "http://localhost:5000",
     ):
         assert command in notes, notes
+
+
+def notes(helm: Helm, *value_args: str) -> str:
+    result = helm.run("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", *value_args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_say_what_the_runs_volume_needs(helm: Helm) -> None:
+    default = notes(helm)
+    assert f"kubectl get pvc -n {NAMESPACE} {FULLNAME}-runs" in default
+    assert "cannot provide ReadWriteMany" in default
+    assert "does not mount the runs volume (operator.mountRunsVolume=false)" in default
+    assert "The operator mounts the runs volume" in notes(helm, "--set", "operator.mountRunsVolume=true")
+    external = notes(helm, "-f", str(EXTERNAL_VALUES))
+    assert "PersistentVolumeClaim" not in external and "mountRunsVolume" not in external
+    assert "kubectl apply -n team-a -f jobs/examples/tiny-cpu.yaml" in external
 
 
 def test_helm_test_hook_checks_mlflow_health(default_objects: list[dict[str, Any]]) -> None:

@@ -165,3 +165,34 @@ securityContext:
 {{- default (printf "%s-runs" (include "ttt-platform.fullname" .)) .Values.storage.existingClaim }}
 {{- end }}
 {{- end }}
+
+{{/* Combinations of values that cannot work, refused before anything is installed. */}}
+{{- define "ttt-platform.validate" -}}
+{{- $isS3 := include "ttt-platform.storage.isS3" . }}
+{{- if not $isS3 }}
+{{- range .Values.operator.watchNamespaces }}
+{{- if ne . $.Release.Namespace }}
+{{- fail (printf "operator.watchNamespaces lists %q, but runs go to the PersistentVolumeClaim %s in namespace %q, which Ray pods of another namespace cannot mount: use S3 storage (storage.uri=s3://bucket/prefix) or watch only %q" . (include "ttt-platform.storage.claimName" $) $.Release.Namespace $.Release.Namespace) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.operator.mountRunsVolume }}
+{{- if $isS3 }}
+{{- fail "operator.mountRunsVolume: storage.uri is S3, there is no runs volume to mount (the operator reads progress from S3)" }}
+{{- end }}
+{{- if and (not .Values.storage.existingClaim) (eq .Values.storage.persistence.accessMode "ReadWriteOncePod") }}
+{{- fail "operator.mountRunsVolume: a ReadWriteOncePod runs volume mounted by the operator could not be mounted by any Ray pod" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* TTT_IMAGE_PULL_SECRETS: operator.jobImagePullSecrets, or the names of the chart's imagePullSecrets. */}}
+{{- define "ttt-platform.operator.jobImagePullSecrets" -}}
+{{- $names := .Values.operator.jobImagePullSecrets }}
+{{- if not $names }}
+{{- range .Values.imagePullSecrets }}
+{{- $names = append $names (kindIs "string" . | ternary . (get (kindIs "map" . | ternary . dict) "name")) }}
+{{- end }}
+{{- end }}
+{{- join "," $names }}
+{{- end }}
