@@ -186,8 +186,9 @@ def test_default_render_has_every_component(default_objects: list[dict[str, Any]
         ["-f", str(EXTERNAL_VALUES)],
         ["--set", "mlflow.enabled=false", "--set", "mlflow.external.trackingUri=https://mlflow.example.com"],
         ["--set", "storage.existingClaim=shared-runs", "--set", "imagePullSecrets[0]=registry"],
+        ["--set", "operator.mountRunsVolume=true", "--set", "image.repository=registry.local:5000/ttt"],
     ],
-    ids=["default", "external", "mlflow-external", "existing-claim"],
+    ids=["default", "external", "mlflow-external", "existing-claim", "operator-mounts-runs"],
 )
 def test_builtin_objects_pass_kubernetes_schemas(helm: Helm, values: list[str], kube_version: str) -> None:
     # CRDs too (crds/ is copied verbatim). The chart must render no custom resource: the validator skips them.
