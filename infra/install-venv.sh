@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Create the project virtualenv (if absent) and install the project into it.
+#   infra/install-venv.sh [VENV] [EXTRAS]    EXTRAS default: dev (tests and tools, with the `train` extra);
+#   "train" for the trainer alone. (The operator alone needs no torch: `pip install .`.)
 #
 # torch comes first and is then pinned for every later install: on a CPU machine the 2.13.0 CPU build
 # (any other version would pull gigabytes of CUDA wheels); on a GPU image whose python already has a CUDA
