@@ -176,8 +176,14 @@ def build() -> dict:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            # Trials are named <sweep>-t<index>, and a TTTJob name has at most 42 characters.
-            "metadata": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 36}}},
+            # Trials are named <sweep>-t<index>, and a TTTJob name has at most 42 characters and starts
+            # with a letter (KubeRay's rule for the RayJobs under it).
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 36, "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$"}
+                },
+            },
             "spec": sweep_spec(template),
             "status": sweep_status(),
         },

@@ -8,6 +8,7 @@ checkpoint there.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -31,6 +32,16 @@ CONFIG_FILE = "job.yaml"
 STOP_DIR = "/run/ttt-stop"
 """Where a Ray pod's preStop hook asks its training processes to stop (an emptyDir of its own)."""
 DEFAULT_GRACE_S = 30
+NAME_RULE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+"""KubeRay refuses RayJob and RayCluster names that are not DNS-1035 labels (a letter first, no dots)."""
+MAX_JOB_NAME = 42
+"""KubeRay allows RayJob names of 47 characters; attempts add -aN."""
+AGENT_PORT = 52365
+"""The Ray dashboard agent's port: KubeRay's probes and ours ask it for the node's health."""
+HEAD_RESOURCES = {"cpu": "2", "memory": "8Gi"}
+DEFAULT_POD_SECURITY = {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"}
+"""The image runs as uid 1000: fsGroup makes the runs volume group-writable for it (OnRootMismatch skips
+the recursive chown of a volume that is already right)."""
 STOP_MARGIN_S = 5
 """Of the pod's grace period, what the trainer leaves for its own exit and Ray's teardown."""
 
@@ -104,8 +115,19 @@ def storage_path(job: dict[str, Any], settings: Settings) -> str:
 # -- the job config ---------------------------------------------------------------------------------
 
 
+def check_name(name: str) -> None:
+    """The CRD refuses such names; a TTTJob created before that rule would otherwise never run."""
+    if not NAME_RULE.match(name) or len(name) > MAX_JOB_NAME:
+        raise SpecError(
+            "metadata.name",
+            f"'{name}' cannot name a KubeRay RayJob: use at most {MAX_JOB_NAME} lowercase letters, digits "
+            "and '-', starting with a letter and ending with a letter or digit",
+        )
+
+
 def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
     """The spec's job config (recipe, config, overrides, knobs), then what the platform decides."""
+    check_name(job["metadata"]["name"])
     spec = job["spec"]
     data = job_config(spec).to_dict()
     shape = layout(spec)
@@ -191,7 +213,7 @@ def entrypoint(cfg: cfgmod.JobConfig) -> str:
     )
 
 
-def _env(settings: Settings, gpus: bool, attempt: int) -> tuple[list[dict], list[dict]]:
+def _env(spec: dict, role: dict, settings: Settings, gpus: bool, attempt: int) -> tuple[list, list]:
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         # The run's progress.json names its attempt (so a preempted end is matched to this RayJob), and
@@ -206,8 +228,25 @@ def _env(settings: Settings, gpus: bool, attempt: int) -> tuple[list[dict], list
             {"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint_url},
             {"name": "MLFLOW_S3_ENDPOINT_URL", "value": settings.s3_endpoint_url},
         ]
+    # The spec's env, then the pod role's, each replacing a variable of the same name (the CRD keeps
+    # the ones the operator needs out of reach): one entry per name, as the kubelet would pick the last.
+    merged = {e["name"]: e for e in [*env, *(spec.get("env") or []), *(role.get("env") or [])]}
     env_from = [{"secretRef": {"name": settings.s3_secret}}] if settings.s3_secret else []
-    return env, env_from
+    return list(merged.values()), env_from + list(spec.get("envFrom") or [])
+
+
+def _probes(settings: Settings, head: bool) -> dict[str, dict]:
+    """KubeRay before 1.6 (or with Ray before 2.53) gives a Ray container without probes ones that run
+    `wget`, which the image lacks; it keeps the container's own. HTTP probes need nothing in the image."""
+    version = tuple(int(p) for p in re.findall(r"\d+", settings.ray_version)[:2])
+    # Ray 2.53+ answers /api/healthz for the raylet and, on the head, the GCS (what KubeRay 1.6 asks).
+    path = "/api/healthz" if version >= (2, 53) else "/api/local_raylet_healthz"
+    timeout = 5 if head else 2  # KubeRay's timings
+    check = {"httpGet": {"path": path, "port": AGENT_PORT}, "timeoutSeconds": timeout, "periodSeconds": 5}
+    return {
+        "livenessProbe": {**check, "initialDelaySeconds": 30, "failureThreshold": 120},
+        "readinessProbe": {**check, "initialDelaySeconds": 10, "failureThreshold": 10},
+    }
 
 
 def _volumes(attempt_cm: str, shape: Layout, settings: Settings, root: str) -> tuple[list, list]:
@@ -229,15 +268,16 @@ def _volumes(attempt_cm: str, shape: Layout, settings: Settings, root: str) -> t
 
 
 def _pod_template(
-    job: dict, name: str, resources: dict, settings: Settings, shape: Layout, root: str, attempt: int
+    job: dict, role: str, resources: dict, settings: Settings, shape: Layout, root: str, attempt: int
 ) -> dict[str, Any]:
     spec = job["spec"]
+    group = spec.get(role) or {}
     cm = attempt_name(job["metadata"]["name"], attempt)
-    env, env_from = _env(settings, shape.gpus_per_node > 0, attempt)
+    env, env_from = _env(spec, group, settings, shape.gpus_per_node > 0, attempt)
     volumes, mounts = _volumes(cm, shape, settings, root)
     grace = grace_seconds(spec)
     container: dict[str, Any] = {
-        "name": name,
+        "name": f"ray-{role}",
         "image": spec.get("image") or settings.default_image,
         "resources": {"requests": resources, "limits": resources},
         "env": env,
@@ -245,15 +285,37 @@ def _pod_template(
         # Preemption, eviction, drain or deletion: the hook asks the pod's training processes to stop
         # after a checkpoint and waits for them (Kubernetes sends SIGTERM to Ray only after it).
         "lifecycle": {"preStop": {"exec": {"command": prestop_command(STOP_DIR, grace - 2)}}},
+        **_probes(settings, role == "head"),
     }
     if env_from:
         container["envFrom"] = env_from
     if spec.get("imagePullPolicy"):
         container["imagePullPolicy"] = spec["imagePullPolicy"]
-    return {
-        "metadata": {"labels": {LABEL_JOB: job["metadata"]["name"]}},
-        "spec": {"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": grace},
+    if group.get("capabilities"):
+        # e.g. IPC_LOCK: RDMA (EFA, InfiniBand) pins the memory NCCL registers.
+        container["securityContext"] = {"capabilities": {"add": list(group["capabilities"])}}
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": grace,
+        "securityContext": {**DEFAULT_POD_SECURITY, **(spec.get("securityContext") or {})},
     }
+    # Placement is per role: the head (CPU only, no training) does not follow the workers to GPU nodes.
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        if group.get(key):
+            pod[key] = group[key]
+    for key in ("priorityClassName", "serviceAccountName"):
+        if spec.get(key):
+            pod[key] = spec[key]
+    pull = spec.get("imagePullSecrets") or [{"name": n} for n in settings.image_pull_secrets]
+    if pull:
+        pod["imagePullSecrets"] = pull
+    return {"metadata": {"labels": {LABEL_JOB: job["metadata"]["name"]}}, "spec": pod}
+
+
+def ttl_seconds(spec: dict[str, Any], settings: Settings) -> int:
+    value = spec.get("ttlSecondsAfterFinished")
+    return settings.rayjob_ttl_seconds if value is None else int(value)
 
 
 def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: Settings) -> dict:
@@ -263,7 +325,13 @@ def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: 
     worker_res = {"cpu": shape.cpu, "memory": shape.memory}
     if shape.gpus_per_node:
         worker_res["nvidia.com/gpu"] = str(shape.gpus_per_node)
-    head_res = {"cpu": "2", "memory": "8Gi"}
+    # Accelerator networks (vpc.amazonaws.com/efa, rdma/hca, ...): device-plugin resources of the workers.
+    for name, count in ((spec.get("worker") or {}).get("extraResources") or {}).items():
+        worker_res[name] = str(count)
+    head_res = {
+        **HEAD_RESOURCES,
+        **{k: str(v) for k, v in ((spec.get("head") or {}).get("resources") or {}).items()},
+    }
     group = "gpu-workers" if shape.gpus_per_node else "cpu-workers"
     body: dict[str, Any] = {
         "apiVersion": "ray.io/v1",
@@ -272,16 +340,17 @@ def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: 
         "spec": {
             "entrypoint": entrypoint(cfg),
             "submissionMode": "K8sJobMode",
-            # One Ray cluster per attempt, torn down when the job ends; retries are the operator's.
+            # One Ray cluster per attempt, torn down when the job ends; retries are the operator's. KubeRay
+            # deletes it ttlSecondsAfterFinished later: until then its pods' logs can be read.
             "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 60,
+            "ttlSecondsAfterFinished": ttl_seconds(spec, settings),
             "backoffLimit": 0,
             "rayClusterSpec": {
                 "rayVersion": settings.ray_version,
                 "headGroupSpec": {
                     # The head runs the driver only: no training worker may land there.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod_template(job, "ray-head", head_res, settings, shape, root, attempt),
+                    "template": _pod_template(job, "head", head_res, settings, shape, root, attempt),
                 },
                 "workerGroupSpecs": [
                     {
@@ -290,9 +359,7 @@ def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: 
                         "minReplicas": shape.nodes,
                         "maxReplicas": shape.nodes,
                         "rayStartParams": {},
-                        "template": _pod_template(
-                            job, "ray-worker", worker_res, settings, shape, root, attempt
-                        ),
+                        "template": _pod_template(job, "worker", worker_res, settings, shape, root, attempt),
                     }
                 ],
             },

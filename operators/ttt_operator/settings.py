@@ -28,6 +28,10 @@ class Settings:
     """S3-compatible endpoint (MinIO, …); None: AWS."""
     s3_secret: str | None = None
     """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, given to the Ray pods through envFrom."""
+    image_pull_secrets: tuple[str, ...] = ()
+    """Secrets the Ray pods pull their image with, unless a TTTJob names its own."""
+    rayjob_ttl_seconds: int = 3600
+    """How long a finished attempt's Ray pods (and their logs) stay, unless a TTTJob says otherwise."""
     ray_version: str = "2.60.0"
     poll_seconds: float = 30.0
     """How often running jobs' progress is read from their run directory."""
@@ -45,6 +49,15 @@ class Settings:
         if poll <= 0:
             raise UserError(f"TTT_POLL_SECONDS: must be positive, got {poll}")
         namespaces = tuple(n.strip() for n in env.get("TTT_OPERATOR_NAMESPACES", "").split(",") if n.strip())
+        try:
+            ttl = int(env.get("TTT_RAYJOB_TTL_SECONDS") or cls.rayjob_ttl_seconds)
+        except ValueError:
+            raise UserError(
+                f"TTT_RAYJOB_TTL_SECONDS: '{env['TTT_RAYJOB_TTL_SECONDS']}' is not a whole number"
+            ) from None
+        if ttl < 0:
+            raise UserError(f"TTT_RAYJOB_TTL_SECONDS: must not be negative, got {ttl}")
+        pull = tuple(n.strip() for n in env.get("TTT_IMAGE_PULL_SECRETS", "").split(",") if n.strip())
         return cls(
             namespaces=namespaces,
             default_image=env.get("TTT_DEFAULT_IMAGE") or DEFAULT_IMAGE,
@@ -54,6 +67,8 @@ class Settings:
             runs_mount=env.get("TTT_RUNS_MOUNT") or cls.runs_mount,
             s3_endpoint_url=opt("TTT_S3_ENDPOINT_URL"),
             s3_secret=opt("TTT_S3_SECRET"),
+            image_pull_secrets=pull,
+            rayjob_ttl_seconds=ttl,
             ray_version=env.get("TTT_RAY_VERSION") or cls.ray_version,
             poll_seconds=poll,
             log_level=env.get("TTT_LOG_LEVEL") or cls.log_level,
