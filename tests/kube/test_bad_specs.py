@@ -46,9 +46,11 @@ scalars = st.one_of(
     st.text(max_size=10),
     st.sampled_from(["", "0", "-1", "2", "500m", "4Gi", "s3://b", "/runs", "tiny-cpu", "ü-名", "a" * 300]),
 )
+# Keys without line breaks: the API server puts a map's key into the field path of its error as it is.
+keys = st.text(alphabet=st.characters(blacklist_characters="\n\r"), max_size=6)
 junk = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
     max_leaves=5,
 )
 config_sections = st.dictionaries(
@@ -111,6 +113,70 @@ SPEC_FIELDS = {
     "suspend": st.booleans() | junk,
     "unknownField": junk,
 }
+# The Ray pods' customisation: mostly valid values with a few bad ones (junk only in place of a whole
+# field), so that many get past the CRD and the RayJob they make is put to KubeRay's CRD.
+toleration = st.fixed_dictionaries(
+    {},
+    optional={
+        "key": st.sampled_from(["nvidia.com/gpu", "nvidia.com/gpu", ""]),
+        "operator": st.sampled_from(["Exists", "Exists", "Equal", "In"]),
+        "value": st.sampled_from(["", "true"]),
+        "effect": st.sampled_from(["NoSchedule", "NoExecute", "Later"]),
+        "tolerationSeconds": st.integers(min_value=-1, max_value=10**6),
+    },
+)
+env_var = st.fixed_dictionaries(
+    {"name": st.sampled_from(["NCCL_DEBUG", "FI_PROVIDER", "AWS_ENDPOINT_URL", "TTT_ATTEMPT", "a b"])},
+    optional={
+        "value": st.text(max_size=5),
+        "valueFrom": st.sampled_from(
+            [
+                {"fieldRef": {"fieldPath": "status.hostIP"}},
+                {"secretKeyRef": {"name": "s", "key": "k"}},
+                {"x": {}},
+            ]
+        ),
+    },
+)
+node_affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{}]}}
+placement = {
+    "nodeSelector": st.dictionaries(
+        st.sampled_from(["pool", "a/b"]), st.sampled_from(["gpu", "h100", "x y"])
+    ),
+    "tolerations": st.lists(toleration, max_size=2),
+    "affinity": st.sampled_from([{}, {"nodeAffinity": node_affinity}, {"podAffinity": []}]),
+    "env": st.lists(env_var, max_size=2),
+}
+extra_resources = st.dictionaries(
+    st.sampled_from(["vpc.amazonaws.com/efa", "rdma/hca", "efa", "nvidia.com/gpu"]),
+    st.sampled_from([1, "4", 32, "0.5", -1]),
+    max_size=2,
+)
+POD_SPEC_FIELDS = {
+    "head": st.fixed_dictionaries({}, optional={**placement, "resources": SPEC_FIELDS["resources"]}),
+    "worker": st.fixed_dictionaries(
+        {},
+        optional={
+            **placement,
+            "extraResources": extra_resources,
+            "capabilities": st.lists(st.sampled_from(["IPC_LOCK", "SYS_NICE", "ipc"]), max_size=2),
+        },
+    ),
+    "env": st.lists(env_var, max_size=2),
+    "envFrom": st.lists(st.sampled_from([{"secretRef": {"name": "s"}}, {"prefix": "X"}]), max_size=2),
+    "serviceAccountName": st.sampled_from(["ttt", "s3-writer", "Bad Name"]),
+    "priorityClassName": st.sampled_from(["high", "x" * 300]),
+    "imagePullSecrets": st.lists(st.sampled_from([{"name": "pull"}, {}]), max_size=2),
+    "securityContext": st.fixed_dictionaries(
+        {},
+        optional={
+            "fsGroup": st.integers(min_value=-1, max_value=2**31),
+            "fsGroupChangePolicy": st.sampled_from(["OnRootMismatch", "Never"]),
+        },
+    ),
+    "ttlSecondsAfterFinished": st.integers(min_value=-1, max_value=10**6),
+}
+SPEC_FIELDS |= {name: strategy | junk for name, strategy in POD_SPEC_FIELDS.items()}
 changes = st.dictionaries(st.sampled_from(sorted(SPEC_FIELDS)), st.none(), max_size=4).flatmap(
     lambda keys: st.fixed_dictionaries({k: SPEC_FIELDS[k] for k in keys})
 )
@@ -134,6 +200,24 @@ def test_generated_tttjobs_are_refused_rendered_or_invalid_naming_a_spec_field(c
     job["spec"].update(change)
     if drop is not None:
         job["spec"].pop("recipe", None)
+    refused_rendered_or_invalid(job)
+
+
+pod_changes = st.dictionaries(
+    st.sampled_from(sorted(POD_SPEC_FIELDS)), st.none(), min_size=1, max_size=4
+).flatmap(lambda keys: st.fixed_dictionaries({k: POD_SPEC_FIELDS[k] for k in keys}))
+
+
+@generated(80)
+@given(pod_changes)
+def test_generated_pod_customisation_is_refused_or_makes_a_rayjob_kuberay_takes(change):
+    """The Ray pods' fields alone on a job that renders: more of them get past the CRD to the RayJob."""
+    job = yaml.safe_load(example("tiny-cpu.yaml"))
+    job["spec"].update(change)
+    refused_rendered_or_invalid(job)
+
+
+def refused_rendered_or_invalid(job: dict) -> None:
     admitted, errors = admit(CRD, job)
     if errors:
         assert all(one_line(e) for e in errors), errors
