@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 
 import boto3
 import pytest
@@ -16,8 +17,10 @@ from ttt.data.corpus import prepare
 from ttt.data.tokenizer import ByteTokenizer
 from ttt.storage import open_storage
 from ttt.train.checkpoint import CheckpointError, load_checkpoint
-from ttt.train.report import read_progress
+from ttt.train.report import ATTEMPT_ENV, read_progress
 from ttt.train.trainer import DivergedError, InjectedFailure, Trainer
+from ttt_operator.run_report import from_mlflow
+from ttt_operator.status import progress_status
 
 
 def tiny_job(*extra: str):
@@ -78,13 +81,14 @@ def test_resume_continues_exactly_in_the_same_mlflow_run(tmp_path, text_dataset,
 
 
 def test_progress_report_and_an_attempt_without_checkpoint_keeps_the_mlflow_run(
-    tmp_path, text_dataset, mlflow_server
+    tmp_path, text_dataset, mlflow_server, monkeypatch
 ):
     common = [
         f"data.path={text_dataset}",
         f"storage.root={tmp_path}",
         f"tracking.uri={mlflow_server}",
         "tracking.experiment=progress",
+        "tracking.run_name=attempts",
         "train.report_every_s=0",
     ]
     # Fails before its first checkpoint (every 3 steps): only progress.json knows the MLflow run.
@@ -94,7 +98,10 @@ def test_progress_report_and_an_attempt_without_checkpoint_keeps_the_mlflow_run(
     failed = read_progress(run_dir)
     assert failed["state"] == "failed" and failed["step"] == 1 and "InjectedFailure" in failed["message"]
     assert "last_checkpoint" not in failed
+    # What the operator reads from MLflow when the run directory is out of its reach says the same.
+    assert from_mlflow(tiny_job(*common))["state"] == "failed"
 
+    monkeypatch.setenv(ATTEMPT_ENV, "2")
     result = Trainer(tiny_job(*common), "attempts", progress=False).fit()
     assert result.mlflow_run_id == failed["mlflow_run_id"]
     done = read_progress(run_dir)
@@ -106,6 +113,14 @@ def test_progress_report_and_an_attempt_without_checkpoint_keeps_the_mlflow_run(
         and math.isfinite(done["loss"])
         and done["tokens_per_second"] > 0
     )
+    seen = from_mlflow(tiny_job(*common))
+    status_seen, status_done = progress_status(seen), progress_status(done)
+    updated = status_seen["progress"].pop("updated"), status_done["progress"].pop("updated")
+    assert status_seen == status_done and seen["attempt"] == done["attempt"] == 2
+    assert abs((datetime.fromisoformat(updated[0]) - datetime.fromisoformat(updated[1])).total_seconds()) < 60
+    assert {k: seen[k] for k in ("state", "step", "mlflow_run_id", "last_checkpoint")} == {
+        k: done[k] for k in ("state", "step", "mlflow_run_id", "last_checkpoint")
+    }
 
 
 def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, text_dataset, mlflow_server, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import socket
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from ttt.train.checkpoint import (
 from ttt.train.device import autocast_for, peak_flops, resolve_device, uses_bf16
 from ttt.train.engine import LocalEngine, NonFiniteGradient
 from ttt.train.preemption import StopRequest, running_in_pod, signals_request_stop, stop_marker
-from ttt.train.report import ProgressReport, read_progress
+from ttt.train.report import ATTEMPT_ENV, ProgressReport, read_progress
 
 
 class DivergedError(UserError):
@@ -204,6 +205,8 @@ class Trainer:
                 "ttt.variant": variant_label(job),
                 "ttt.run_dir": storage.uri,
                 "ttt.hosts": ",".join(self.hosts),
+                # Which attempt under the operator (it reads this when it cannot read progress.json).
+                **({"ttt.attempt": os.environ[ATTEMPT_ENV]} if os.environ.get(ATTEMPT_ENV) else {}),
                 # The newest attempt's starting point (a restart after a lost node or a preemption).
                 **({"ttt.resumed_from": last_checkpoint} if last_checkpoint else {}),
                 "ttt.kernels": kernels_label(job.model, device, uses_bf16(device, cfg.precision)),
