@@ -407,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_EXTRA_MODULES = frozenset({"torch", "ray", "deepspeed", "zarr", "psutil", "tqdm"})
+"""Top-level modules that only the `train` extra installs."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -416,6 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ttt: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        # An install of the operator's set only (`pip install ttt-platform`): say what to add.
+        print(
+            f"ttt: error: `ttt {args.command}` needs {exc.name.split('.')[0]}, one of the training "
+            "dependencies: pip install 'ttt-platform[train]'",
+            file=sys.stderr,
+        )
     except cfgmod.ConfigError as exc:
         print(f"ttt: config error: {exc}", file=sys.stderr)
     except (UserError, ValueError, OSError) as exc:

@@ -168,3 +168,15 @@ def test_closing_a_sweep_stays_light(tmp_path: Path) -> None:
     print(f"operator after closing a sweep: max RSS {out['rss_mib']:.0f} MiB")
     assert out["heavy"] == []
     assert out["rss_mib"] < RSS_BUDGET_MIB
+
+
+def test_training_without_the_train_extra_says_what_to_install(tmp_path: Path) -> None:
+    """`pip install ttt-platform` (the operator's set) and then `ttt train`: one line, not a traceback."""
+    code = BLOCK_HEAVY + "from ttt.cli import main\nsys.exit(main(['train', 'tiny-cpu']))\n"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TTT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("ttt: error: `ttt train` needs ") and "pip install 'ttt-platform[train]'" in line
