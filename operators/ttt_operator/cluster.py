@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client, config
@@ -30,6 +31,19 @@ class KubeRayMissing(Exception):
     """The API server does not serve ray.io/v1 RayJobs."""
 
 
+class NameTaken(Exception):
+    """An object of the name to create exists but has another owner (say, the children of a deleted TTTJob
+    of the same name, not yet garbage-collected): not ours to adopt."""
+
+
+def owned_by(objects: list[dict[str, Any]], uid: str) -> list[dict[str, Any]]:
+    """The objects with an owner reference to `uid`: labels name the owner, only the UID tells a re-created
+    owner of the same name from the one before it."""
+    return [
+        o for o in objects if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or [])
+    ]
+
+
 class Cluster:
     def __init__(self, api: client.ApiClient | None = None):
         self.api = api or client.ApiClient()
@@ -54,9 +68,10 @@ class Cluster:
         )
         return found.get("items", [])
 
-    def rayjobs(self, namespace: str, job: str) -> list[dict[str, Any]]:
+    def rayjobs(self, namespace: str, job: str, uid: str) -> list[dict[str, Any]]:
+        """The RayJobs of TTTJob `job` whose owner is the one of `uid`."""
         try:
-            return self.list("RayJob", namespace, f"{LABEL_JOB}={job}")
+            return owned_by(self.list("RayJob", namespace, f"{LABEL_JOB}={job}"), uid)
         except ApiException as exc:
             if exc.status == 404:
                 raise KubeRayMissing(
@@ -65,7 +80,8 @@ class Cluster:
             raise
 
     def create(self, body: dict[str, Any]) -> bool:
-        """Create a ConfigMap or custom resource; False if it already exists (an earlier pass made it)."""
+        """Create a ConfigMap or custom resource; False if it already exists with the same owner (an earlier
+        pass made it); NameTaken if it exists with another."""
         namespace = body["metadata"]["namespace"]
         try:
             if body["kind"] == "ConfigMap":
@@ -76,10 +92,36 @@ class Cluster:
                     group, version, namespace, plural, body, _request_timeout=TIMEOUT_S
                 )
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+            if exc.status != 409:
+                raise
+            self._check_owner(body)
+            return False
         return True
+
+    def _check_owner(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        owners = meta.get("ownerReferences") or []
+        if not owners:
+            return
+        if body["kind"] == "ConfigMap":
+            try:
+                found = self.api.sanitize_for_serialization(
+                    self.core.read_namespaced_config_map(
+                        meta["name"], meta["namespace"], _request_timeout=TIMEOUT_S
+                    )
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                found = None
+        else:
+            found = self.get(body["kind"], meta["namespace"], meta["name"])
+        if found is None or not owned_by([found], owners[0]["uid"]):
+            kind = owners[0]["kind"]
+            raise NameTaken(
+                f"{body['kind']} {meta['name']} exists and is not this {kind}'s (one of a deleted {kind} of "
+                "the same name?): waiting for it to go"
+            )
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         group, version, plural = CUSTOM[kind]
@@ -96,6 +138,30 @@ class Cluster:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def post_event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """A v1 Event on `body` (as kopf.event would post it, but from any thread: the poll's too)."""
+        meta = body["metadata"]
+        now = datetime.now(timezone.utc).isoformat()
+        event = {
+            "metadata": {"namespace": meta["namespace"], "generateName": "ttt-event-"},
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "reportingComponent": "ttt-operator",
+            "source": {"component": "ttt-operator"},  # the From column of `kubectl describe`
+            "involvedObject": {
+                "apiVersion": body["apiVersion"],
+                "kind": body["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.core.create_namespaced_event(meta["namespace"], event, _request_timeout=TIMEOUT_S)
 
     def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         group, version, plural = CUSTOM[kind]

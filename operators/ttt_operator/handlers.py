@@ -1,7 +1,17 @@
 """kopf handlers: thin. Every trigger of a TTTJob (created, changed or resumed after a restart; one of its
-RayJobs changed; the progress timer) runs the same `reconcile`, which reads what exists, asks
-`reconcile.plan` what to do, and does it. TTTSweeps likewise: `reconcile_sweep` on the sweep's own events
-and on its trial TTTJobs' changes, deciding through `sweeps.plan_sweep`.
+RayJobs changed; the poll) runs the same `reconcile`, which reads what exists, asks `reconcile.plan` what
+to do, and does it. TTTSweeps likewise: `reconcile_sweep` on the sweep's own events and on its trial
+TTTJobs' changes, deciding through `sweeps.plan_sweep`.
+
+No handler needs a finalizer, so none is put on a TTTJob: deleting one (or its sweep, or its namespace)
+completes with the operator scaled to zero, uninstalled or crash-looping, and owner references take its
+RayJobs and ConfigMaps. That is why the periodic poll is a thread of our own over the TTTJobs kopf's watch
+has shown, not a kopf timer (timers always take a finalizer, to be stopped at deletion).
+
+An attempt refused for a ResourceQuota (or a webhook citing one), or whose name is still held by the
+children of a deleted TTTJob of the same name, waits: phase Pending with reason QuotaExceeded or
+NameInUse, tried again by the poll with a backoff that doubles up to BACKOFF_CAP_S (kept in memory: a
+restarted operator tries once at once).
 """
 
 from __future__ import annotations
@@ -9,21 +19,24 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import defaultdict
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from ttt.config import ConfigError
+from ttt.config import ConfigError, JobConfig
 from ttt.storage import open_storage
 from ttt.train.report import read_progress
 from ttt_operator import builders, sweep_tracking, sweeps
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION, SpecError
-from ttt_operator.cluster import Cluster, KubeRayMissing, load_credentials
-from ttt_operator.reconcile import annotate_preemptions, blocked, by_attempt, plan
+from ttt_operator.cluster import Cluster, KubeRayMissing, NameTaken, load_credentials, owned_by
+from ttt_operator.reconcile import annotate_attempts, blocked, by_attempt, plan
+from ttt_operator.run_report import from_mlflow
 from ttt_operator.settings import Settings
-from ttt_operator.status import FAILED, PENDING, TERMINAL, now_iso
+from ttt_operator.status import FAILED, PENDING, SUSPENDED, TERMINAL, now_iso
 
 SETTINGS = Settings.from_env()
 log = logging.getLogger("ttt_operator")
@@ -33,6 +46,13 @@ REFUSED = (400, 403, 422)
 # Handlers of an object and of what it owns run in different threads: one reconcile per object at a time.
 _locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
 _cluster: Cluster | None = None
+BACKOFF_CAP_S = 300.0
+# (namespace, name) → phase of each TTTJob kopf's watch has shown: what the poll goes over.
+_seen: dict[tuple[str, str], str | None] = {}
+# (namespace, name) → (tries, monotonic time of the next try) of jobs waiting for a quota or a name.
+_waiting: dict[tuple[str, str], tuple[int, float]] = {}
+_seen_lock = threading.Lock()
+_stop = threading.Event()
 
 
 def cluster() -> Cluster:
@@ -55,33 +75,73 @@ def reconcile(namespace: str, name: str) -> None:
             config = exc
         run = (builders.run_name(job), builders.storage_path(job, SETTINGS))
         now = now_iso()
+        old = job.get("status") or {}
+        wait: tuple[str, str] | None = None  # (reason, message) of an attempt that has to wait
         try:
-            rayjobs = by_attempt(api.rayjobs(namespace, name))
-        except KubeRayMissing as exc:  # retried by the timer: installing KubeRay unblocks the job
+            rayjobs = by_attempt(api.rayjobs(namespace, name, job["metadata"]["uid"]))
+        except KubeRayMissing as exc:  # retried by the poll: installing KubeRay unblocks the job
             todo = plan(job, {}, None, config, run, now)
-            todo.status = blocked(job, todo.status, PENDING, "KubeRayMissing", str(exc), now)
-            todo.create, todo.events = None, [("Warning", "KubeRayMissing", str(exc))]
+            if todo.create is not None:
+                todo.status = blocked(job, todo.status, PENDING, "KubeRayMissing", str(exc), now)
+                todo.create, todo.events = None, [("Warning", "KubeRayMissing", str(exc))]
         else:
-            report = _read_report(run[1]) if rayjobs else None
+            attempt = max(int(old.get("attempt") or 0), max(rayjobs, default=0))
+            # The current attempt's RayJob is gone: only its run's report tells whether it ended.
+            gone = (
+                attempt
+                and attempt not in rayjobs
+                and old.get("phase") != SUSPENDED
+                and not job["spec"].get("suspend")
+            )
+            report, unreadable = _read_report(run[1], config) if rayjobs or attempt else (None, None)
             todo = plan(job, rayjobs, report, config, run, now)
+            if unreadable and gone and todo.create is not None:
+                why = f"the RayJob of attempt {attempt} is gone and its run's progress cannot be read"
+                wait = ("ProgressUnreadable", f"{why} ({unreadable})")
         for rayjob in todo.delete:
             api.delete("RayJob", namespace, rayjob)
-        if todo.create is not None and not isinstance(config, SpecError):
-            # Both children are built before either is created: a spec that cannot render leaves none.
-            config_map = builders.config_map(job, todo.create, config)
-            rayjob = builders.ray_job(job, todo.create, config, SETTINGS)
-            rayjob = annotate_preemptions(rayjob, todo.status["preemptedAttempts"])
-            try:
-                api.create(config_map)
-                api.create(rayjob)
-            except ApiException as exc:
-                if exc.status not in REFUSED:
-                    raise  # transient: kopf retries the handler
-                message = f"the API server refused attempt {todo.create}: {_reason(exc)}"
-                todo.status = blocked(job, todo.status, FAILED, "RayJobRejected", message, now)
-                todo.events = [("Warning", "RayJobRejected", message)]
+        if wait is None and todo.create is not None and not isinstance(config, SpecError):
+            wait = _create_attempt(api, job, todo, config, now)
+        if wait is not None:
+            reason, message = wait
+            tries = _waiting.get((namespace, name), (0, 0.0))[0] + 1
+            delay = min(BACKOFF_CAP_S, SETTINGS.poll_seconds * 2 ** (tries - 1))
+            _waiting[(namespace, name)] = (tries, time.monotonic() + delay)
+            message += f"; trying again in {delay:g} s"
+            before = next((c for c in old.get("conditions") or [] if c.get("type") == "Created"), {})
+            todo.status = blocked(job, todo.status, PENDING, reason, message, now)
+            todo.events = [] if before.get("reason") == reason else [("Warning", reason, message)]
+        else:
+            _waiting.pop((namespace, name), None)
         api.patch_status("TTTJob", namespace, name, todo.status)
         _post(job, todo.events)
+
+
+def _create_attempt(api: Cluster, job: dict, todo: Any, config: Any, now: str) -> tuple[str, str] | None:
+    """Create the attempt's ConfigMap and RayJob; (reason, message) if it has to wait for them."""
+    # Both children are built before either is created: a spec that cannot render leaves none.
+    config_map = builders.config_map(job, todo.create, config)
+    rayjob = annotate_attempts(builders.ray_job(job, todo.create, config, SETTINGS), todo.status)
+    try:
+        api.create(config_map)
+        api.create(rayjob)
+    except NameTaken as exc:
+        return "NameInUse", str(exc)
+    except ApiException as exc:
+        if exc.status not in REFUSED:
+            raise  # transient: kopf retries the handler
+        if _quota_denial(exc):
+            return "QuotaExceeded", f"attempt {todo.create} waits for quota: {_reason(exc)}"
+        message = f"the API server refused attempt {todo.create}: {_reason(exc)}"
+        todo.status = blocked(job, todo.status, FAILED, "RayJobRejected", message, now)
+        todo.events = [("Warning", "RayJobRejected", message)]
+    return None
+
+
+def _quota_denial(exc: ApiException) -> bool:
+    """A ResourceQuota's refusal ('exceeded quota: ...'), or a webhook's that cites a quota: it passes
+    once other jobs finish or the quota is raised."""
+    return exc.status == 403 and "quota" in _reason(exc).lower()
 
 
 def reconcile_sweep(namespace: str, name: str) -> None:
@@ -90,7 +150,8 @@ def reconcile_sweep(namespace: str, name: str) -> None:
         sweep = api.get("TTTSweep", namespace, name)
         if sweep is None or sweep["metadata"].get("deletionTimestamp"):
             return
-        children = sweeps.by_trial(api.list("TTTJob", namespace, f"{sweeps.LABEL_SWEEP}={name}"))
+        trials = api.list("TTTJob", namespace, f"{sweeps.LABEL_SWEEP}={name}")
+        children = sweeps.by_trial(owned_by(trials, sweep["metadata"]["uid"]))
         old = sweep.get("status") or {}
         template = sweep["spec"].get("template") or {}
         uri = (template.get("mlflow") or {}).get("trackingUri") or SETTINGS.mlflow_tracking_uri
@@ -144,10 +205,14 @@ def _close_parent(sweep: dict, uri: str, parent: str, children: dict, best: dict
 
 
 def _post(body: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+    """Events are best-effort (status and RayJobs are the record): one that cannot be posted is logged."""
     meta = body["metadata"]
     for kind, reason, message in events:
-        kopf.event(body, type=kind, reason=reason, message=message)
         log.info("%s %s/%s: %s: %s", body["kind"], meta["namespace"], meta["name"], reason, message)
+        try:
+            cluster().post_event(body, kind, reason, message)
+        except ApiException as exc:
+            log.warning("could not post Event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
 
 def _reason(exc: ApiException) -> str:
@@ -157,12 +222,24 @@ def _reason(exc: ApiException) -> str:
         return f"{exc.status} {exc.reason}"
 
 
-def _read_report(path: str) -> dict[str, Any] | None:
+def _beyond_reach(path: str) -> bool:
+    """A run directory on the runs volume, which is not mounted in this pod (the chart's default)."""
+    mount = SETTINGS.runs_mount
+    on_volume = not path.startswith("s3://") and PurePosixPath(path).is_relative_to(mount)
+    return bool(SETTINGS.runs_pvc) and on_volume and not Path(mount).is_dir()
+
+
+def _read_report(path: str, config: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(the run's progress.json or None, why it could not be read). A run directory the operator cannot
+    see (the runs volume, not mounted in its pod) is read from the run's MLflow run instead."""
+    if _beyond_reach(path):
+        report = from_mlflow(config) if isinstance(config, JobConfig) else None
+        return report, None if report else "the run directory is not mounted here and MLflow has no run"
     try:
-        return read_progress(open_storage(path))
+        return read_progress(open_storage(path)), None
     except Exception as exc:  # storage trouble must not stop status updates from the RayJob
         log.warning("cannot read progress of %s: %s", path, exc)
-        return None
+        return None, str(exc)
 
 
 # -- triggers ---------------------------------------------------------------------------------------
@@ -179,6 +256,30 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     logging.getLogger("ttt_operator").setLevel(SETTINGS.log_level)
+    _stop.clear()
+    threading.Thread(target=_poll, name="ttt-poll", daemon=True).start()
+
+
+@kopf.on.cleanup()
+def stop_polling(**_: Any) -> None:
+    _stop.set()
+
+
+def _poll() -> None:
+    """Every poll_seconds, reconcile each TTTJob not finished (progress, retries, waits) that is not
+    backing off."""
+    while not _stop.wait(SETTINGS.poll_seconds):
+        with _seen_lock:
+            due = [key for key, phase in _seen.items() if phase not in TERMINAL]
+        for key in due:
+            if _stop.is_set():
+                return
+            if time.monotonic() < _waiting.get(key, (0, 0.0))[1]:
+                continue
+            try:
+                reconcile(*key)
+            except Exception as exc:  # the next poll tries again; one job must not stop the others
+                log.warning("TTTJob %s/%s: reconcile failed, retried at the next poll: %s", *key, exc)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -188,16 +289,14 @@ def on_job(namespace: str, name: str, **_: Any) -> None:
     reconcile(namespace, name)
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=SETTINGS.poll_seconds,
-    initial_delay=SETTINGS.poll_seconds,
-    when=lambda status, **_: status.get("phase") not in TERMINAL,
-)
-def poll_progress(namespace: str, name: str, **_: Any) -> None:
-    reconcile(namespace, name)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def seen(type: str | None, namespace: str, name: str, status: dict[str, Any], **_: Any) -> None:
+    with _seen_lock:
+        if type == "DELETED":
+            _seen.pop((namespace, name), None)
+            _waiting.pop((namespace, name), None)
+        else:
+            _seen[(namespace, name)] = status.get("phase")
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={LABEL_JOB: kopf.PRESENT})

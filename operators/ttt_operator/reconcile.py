@@ -1,14 +1,23 @@
 """What to do about one TTTJob, decided from what exists: a pure function, so that a restarted operator
 (or a second look at the same state) reaches the same decision and creates nothing twice.
 
-The RayJobs a TTTJob owns (labelled with their attempt number) are the record: failed attempts are counted
-from them, the newest one is followed, and a new attempt is created only when the newest one failed within
-the backoff limit, or when there is none (first start, resume after suspend, RayJob deleted by hand).
+The RayJobs a TTTJob owns (by owner UID, labelled with their attempt number) and its status are the record:
+the newest attempt is followed, and a new attempt is created only when the newest one failed within the
+backoff limit, or when there is none (first start, resume after suspend, RayJob deleted by hand).
+Failed attempts are recorded by number in `status.failedAttemptNumbers` (and on each later RayJob), so that
+a RayJob removed after it finished (KubeRay's deletionStrategy, a clean-up by hand) is still counted; when
+the current attempt's RayJob is gone, the run's progress.json (written by that attempt) says how it ended.
 An attempt whose run reported that it was stopped on request after a checkpoint (preemption, eviction,
 node drain: `state: preempted` in its progress.json, written by that attempt) failed as a RayJob but is
 recorded in `status.preemptedAttempts` instead, retried with reason `Preempted` and not counted against
-backoffLimit. Each RayJob also carries the preempted attempts before it (an annotation), so that a status
-update lost with a crashed operator, after progress.json has moved on to the next attempt, loses none.
+backoffLimit. Each RayJob also carries the preempted and failed attempts before it (annotations), so that
+a status update lost with a crashed operator, after progress.json has moved on to the next attempt, loses
+none.
+
+Succeeded and Failed are final: such a TTTJob is never run again, whatever happens to its RayJobs later and
+whatever is changed in its spec (running again means a new TTTJob). The exceptions launched nothing: a job
+that failed with InvalidSpec is planned again (a fixed spec starts it), one refused by the API server
+(RayJobRejected) when its spec changes.
 """
 
 from __future__ import annotations
@@ -36,6 +45,10 @@ from ttt_operator.status import (
 _ACTIVE = (Outcome.STARTING, Outcome.QUEUED, Outcome.RUNNING)
 PREEMPTED_ANNOTATION = "ttt.dev/preempted-attempts"
 """On a RayJob: the attempts before it that were preempted, as the operator knew when it created it."""
+FAILED_ANNOTATION = "ttt.dev/failed-attempts"
+"""On a RayJob: the attempts before it that failed (counted against backoffLimit)."""
+# Failed with these reasons, nothing was launched: planning again cannot re-run anything.
+_REPLANNED = ("InvalidSpec", "RayJobRejected")
 
 
 @dataclass
@@ -62,23 +75,35 @@ def plan(
     run: tuple[str, str],
     now: str,
 ) -> Plan:
-    """`config` is the rendered job config (or why it cannot be rendered); `run` is (run name, path)."""
+    """`config` is the rendered job config (or why it cannot be rendered); `run` is (run name, path);
+    `rayjobs` are the RayJobs this TTTJob (by UID) owns."""
     spec, old = job["spec"], job.get("status") or {}
     name = job["metadata"]["name"]
+    generation = job["metadata"].get("generation")
+    if finished(old, generation):
+        return _finished(old, generation)
     limit = int(spec.get("backoffLimit", 2))
     attempt = max(int(old.get("attempt") or 0), max(rayjobs, default=0))
     current = rayjobs.get(attempt)
     result = outcome(current) if current else None
-    preempted = set(old.get("preemptedAttempts") or []) | recorded_preemptions(rayjobs)
+    if current is None and attempt and not spec.get("suspend") and old.get("phase") != SUSPENDED:
+        result = ended_as_reported(report, attempt)  # its RayJob is gone: the run tells how it ended
+    preempted = set(old.get("preemptedAttempts") or []) | recorded(rayjobs, PREEMPTED_ANNOTATION)
     if result is Outcome.FAILED and was_preempted(report, attempt):
         preempted.add(attempt)
-    failed = sum(outcome(rj) is Outcome.FAILED and n not in preempted for n, rj in rayjobs.items())
+    failures = set(old.get("failedAttemptNumbers") or []) | recorded(rayjobs, FAILED_ANNOTATION)
+    failures |= {n for n, rj in rayjobs.items() if outcome(rj) is Outcome.FAILED}
+    if result is Outcome.FAILED:
+        failures.add(attempt)
+    failures -= preempted
+    failed = len(failures)
+    why = failure_message(current) if current else gone_message(name, attempt, report)
     out = Plan()
 
     if result is Outcome.SUCCEEDED:
         phase, reason, message = SUCCEEDED, "Succeeded", f"attempt {attempt} finished"
     elif result is Outcome.TIMED_OUT:
-        phase, reason, message = FAILED, "DeadlineExceeded", failure_message(current)
+        phase, reason, message = FAILED, "DeadlineExceeded", why
     elif spec.get("suspend"):
         if current is not None and result in _ACTIVE:
             out.delete.append(current["metadata"]["name"])
@@ -86,8 +111,8 @@ def plan(
         message = "the Ray cluster is released; set spec.suspend=false to resume from the last checkpoint"
     elif result is Outcome.FAILED and failed > limit:
         phase, reason = FAILED, "BackoffLimitExceeded"
-        message = f"{failed} failed attempts, backoffLimit {limit}; last: {failure_message(current)}"
-    elif current is None or result is Outcome.FAILED:
+        message = f"{failed} failed attempts, backoffLimit {limit}; last: {why}"
+    elif result is None or result is Outcome.FAILED:
         if isinstance(config, SpecError):
             phase, reason, message = FAILED, "InvalidSpec", str(config)
         else:
@@ -100,7 +125,7 @@ def plan(
                 message += " (a preemption is not counted against backoffLimit)"
             elif result is Outcome.FAILED:
                 reason = "Retrying"
-                out.events.append(("Warning", "AttemptFailed", failure_message(current)))
+                out.events.append(("Warning", "AttemptFailed", why))
                 message += f" (retry {failed} of {limit})"
             else:
                 reason = "Resumed" if old.get("phase") == SUSPENDED else "Created"
@@ -119,7 +144,6 @@ def plan(
         kind = "Warning" if phase == FAILED else "Normal"
         if not out.events or out.events[-1][1] != reason:
             out.events.append((kind, reason, message))
-    generation = job["metadata"].get("generation")
     rayjob = attempt_name(name, attempt) if attempt and (out.create or current) and not out.delete else None
     status: dict[str, Any] = {
         **progress_status(report),
@@ -128,6 +152,7 @@ def plan(
         "observedGeneration": generation,
         "attempt": attempt,
         "failedAttempts": failed,
+        "failedAttemptNumbers": sorted(failures) or None,
         "preemptedAttempts": sorted(preempted) or None,
         "rayJobName": attempt_name(name, attempt) if attempt else None,
         "runName": run[0],
@@ -149,19 +174,62 @@ def plan(
     return out
 
 
-def annotate_preemptions(rayjob: dict[str, Any], preempted: list[int] | None) -> dict[str, Any]:
-    """`rayjob` naming the preempted attempts before it: it is created before the status that records them,
-    and a crash in between must not turn them into failures."""
-    if preempted:
-        rayjob["metadata"].setdefault("annotations", {})[PREEMPTED_ANNOTATION] = ",".join(map(str, preempted))
+def finished(old: dict[str, Any], generation: int | None) -> bool:
+    """Succeeded or Failed for good: nothing of this TTTJob is ever launched again."""
+    if old.get("phase") not in TERMINAL:
+        return False
+    reason = next((c.get("reason") for c in old.get("conditions") or [] if c.get("type") == FAILED), None)
+    if reason == "InvalidSpec":
+        return False  # nothing ran; the same spec plans to the same error
+    return not (reason == "RayJobRejected" and generation != old.get("observedGeneration"))
+
+
+def _finished(old: dict[str, Any], generation: int | None) -> Plan:
+    """A finished job's status stays; a spec changed after the end is said to be ignored, once."""
+    out = Plan()
+    if generation is not None and generation != old.get("observedGeneration"):
+        message = (
+            f"{old['phase']}: spec changes after the end are not applied; "
+            "a finished TTTJob is not run again (create a new one to run again)"
+        )
+        out.status = {"message": message}
+        if old.get("message") != message:
+            out.events.append(("Warning", "SpecChangeIgnored", message))
+    return out
+
+
+def ended_as_reported(report: dict[str, Any] | None, attempt: int) -> Outcome | None:
+    """How `attempt` ended, by its own progress.json (when its RayJob is gone); None: not known to have
+    ended (a RayJob deleted by hand before its run reported its end)."""
+    if not report or report.get("attempt") != attempt:
+        return None
+    state = report.get("state")
+    if state == "succeeded":
+        return Outcome.SUCCEEDED
+    return Outcome.FAILED if state in ("failed", "preempted", "killed") else None
+
+
+def gone_message(name: str, attempt: int, report: dict[str, Any] | None) -> str:
+    said = f": {report['message']}" if report and report.get("message") else ""
+    state = (report or {}).get("state", "unknown")
+    return f"RayJob {attempt_name(name, attempt)} is gone; its run reported {state}{said}"
+
+
+def annotate_attempts(rayjob: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    """`rayjob` naming the preempted and failed attempts before it: it is created before the status that
+    records them, and a crash in between must not lose them."""
+    fields = {PREEMPTED_ANNOTATION: "preemptedAttempts", FAILED_ANNOTATION: "failedAttemptNumbers"}
+    for key, field_name in fields.items():
+        if status.get(field_name):
+            rayjob["metadata"].setdefault("annotations", {})[key] = ",".join(map(str, status[field_name]))
     return rayjob
 
 
-def recorded_preemptions(rayjobs: dict[int, dict[str, Any]]) -> set[int]:
-    """The preempted attempts that the RayJobs' annotations name."""
+def recorded(rayjobs: dict[int, dict[str, Any]], annotation: str) -> set[int]:
+    """The attempts that the RayJobs' `annotation` names."""
     out = set()
     for rayjob in rayjobs.values():
-        text = (rayjob["metadata"].get("annotations") or {}).get(PREEMPTED_ANNOTATION, "")
+        text = (rayjob["metadata"].get("annotations") or {}).get(annotation, "")
         out.update(int(n) for n in text.split(",") if n.strip().isdigit())
     return out
 
