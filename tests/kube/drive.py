@@ -37,6 +37,17 @@ def eventually(probe: Callable[[], Any], what: str, seconds: float = 30.0) -> An
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
+def prepare(
+    server: Any, base: Path, namespaces: list[str], crds: tuple[Path, ...] = (CRD, RAYJOB_CRD)
+) -> Path:
+    """The API server with `crds` and `namespaces` installed; returns a kubeconfig for the first namespace."""
+    for crd in crds:
+        server.load_crd(crd)
+    for name in namespaces:
+        server.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    return server.write_kubeconfig(base / "kubeconfig", namespace=namespaces[0])
+
+
 def operator_env(kubeconfig: Path, namespace: str, runs: Path, **extra: str) -> dict[str, str]:
     """The environment the chart gives the operator, pointed at the test API server and `namespace`."""
     return {

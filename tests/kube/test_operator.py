@@ -29,6 +29,7 @@ from tests.kube.drive import (
     operator_env,
     phase_is,
     phase_is_kind,
+    prepare,
     set_rayjob_status,
     tttjob,
 )
@@ -44,11 +45,7 @@ NAMESPACE = "research"
 def cluster(apiserver, tmp_path_factory, mlflow_server):
     """The API server with both CRDs and a namespace; the operator watching that namespace."""
     base = tmp_path_factory.mktemp("operator")
-    apiserver.load_crd(CRD)
-    apiserver.load_crd(SWEEP_CRD)
-    apiserver.load_crd(RAYJOB_CRD)
-    apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-    kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = prepare(apiserver, base, [NAMESPACE], (CRD, SWEEP_CRD, RAYJOB_CRD))
     env = operator_env(kubeconfig, NAMESPACE, base / "runs", TTT_MLFLOW_TRACKING_URI=mlflow_server)
     operator = Operator(env, base / "operator.log")
     operator.start()

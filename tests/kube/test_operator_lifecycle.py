@@ -15,8 +15,6 @@ import pytest
 
 from tests.kube.apiserver import ApiError, FakeApiServer
 from tests.kube.drive import (
-    CRD,
-    RAYJOB_CRD,
     Kubectl,
     Operator,
     eventually,
@@ -24,6 +22,7 @@ from tests.kube.drive import (
     kubectl,
     operator_env,
     phase_is,
+    prepare,
     set_rayjob_status,
     tttjob,
 )
@@ -36,11 +35,7 @@ SETTLE_S = 3.0  # three polls of the operator: time enough for a relaunch to sho
 @pytest.fixture(scope="module")
 def life(apiserver: FakeApiServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("lifecycle")
-    apiserver.load_crd(CRD)
-    apiserver.load_crd(RAYJOB_CRD)
-    for name in (NAMESPACE, OTHER):
-        apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = prepare(apiserver, base, [NAMESPACE, OTHER])
     env = operator_env(kubeconfig, f"{NAMESPACE},{OTHER}", base / "runs")
     operator = Operator(env, base / "operator.log")
     operator.start()

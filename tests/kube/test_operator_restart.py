@@ -19,8 +19,6 @@ import pytest
 
 from tests.kube.apiserver import ApiError, FakeApiServer
 from tests.kube.drive import (
-    CRD,
-    RAYJOB_CRD,
     Kubectl,
     Operator,
     eventually,
@@ -28,6 +26,7 @@ from tests.kube.drive import (
     kubectl,
     operator_env,
     phase_is,
+    prepare,
     set_rayjob_status,
     tttjob,
 )
@@ -82,10 +81,7 @@ def drill(apiserver: FakeApiServer, tmp_path_factory: pytest.TempPathFactory) ->
     """An operator of its own, watching a namespace of its own (no MLflow: the run's id comes from its
     progress.json)."""
     base = tmp_path_factory.mktemp("restart")
-    apiserver.load_crd(CRD)
-    apiserver.load_crd(RAYJOB_CRD)
-    apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-    kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = prepare(apiserver, base, [NAMESPACE])
     env = operator_env(kubeconfig, NAMESPACE, base / "runs")
     operator = Operator(env, base / "operator.log")
     operator.start()

@@ -11,14 +11,13 @@ import yaml
 
 from tests.kube.apiserver import FakeApiServer
 from tests.kube.drive import (
-    CRD,
-    RAYJOB_CRD,
     Operator,
     eventually,
     get,
     kubectl,
     operator_env,
     phase_is,
+    prepare,
     set_rayjob_status,
     tttjob,
 )
@@ -34,10 +33,7 @@ def drill(
     apiserver: FakeApiServer, tmp_path_factory: pytest.TempPathFactory, mlflow_server
 ) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("no-volume")
-    apiserver.load_crd(CRD)
-    apiserver.load_crd(RAYJOB_CRD)
-    apiserver.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-    kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = prepare(apiserver, base, [NAMESPACE])
     mount = base / "runs-volume"  # where Ray pods mount the claim; absent in the operator's pod
     env = operator_env(
         kubeconfig,
