@@ -47,11 +47,21 @@ def sweep_spec(template: dict) -> dict:
                 "description": "The values to try (numbers, strings or booleans).",
                 "items": {"x-kubernetes-preserve-unknown-fields": True},
             },
-            "min": {"type": "number"},
-            "max": {"type": "number"},
-            "step": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
-            "num": integer(1, description="Grid points of a range."),
-            "scale": {"type": "string", "enum": ["linear", "log"], "default": "linear"},
+            "min": {"type": "number", "description": "The low end of a range (with max; instead of values)."},
+            "max": {"type": "number", "description": "The high end of a range, included."},
+            "step": {
+                "type": "number",
+                "exclusiveMinimum": True,
+                "minimum": 0,
+                "description": "Grid: the spacing of a linear range's points, from min up to max.",
+            },
+            "num": integer(1, description="Grid: points of a range, min and max included (log: geometric)."),
+            "scale": {
+                "type": "string",
+                "enum": ["linear", "log"],
+                "default": "linear",
+                "description": "How a range is spaced (grid) or sampled (random): linear, or log (min > 0).",
+            },
         },
         "x-kubernetes-validations": [
             {
@@ -70,19 +80,42 @@ def sweep_spec(template: dict) -> dict:
     }
     return {
         "type": "object",
+        "description": "What to sweep: a TTTJob template, the fields to vary and how to rank the trials.",
         "required": ["template", "parameters"],
         "properties": {
             "template": {**template, "description": "The TTTJob spec every trial starts from."},
-            "parameters": {"type": "array", "minItems": 1, "maxItems": 16, "items": parameter},
-            "algorithm": {"type": "string", "enum": ["grid", "random"], "default": "grid"},
+            "parameters": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 16,
+                "description": "The swept config fields, each with a list of values or a min/max range.",
+                "items": parameter,
+            },
+            "algorithm": {
+                "type": "string",
+                "enum": ["grid", "random"],
+                "default": "grid",
+                "description": "grid: every combination; random: maxTrials draws (10 if unset).",
+            },
             "maxTrials": integer(1, description="grid: a cap on the combinations; random: how many to draw."),
             "parallelism": integer(1, default=1, description="Trials (TTTJobs) running at once."),
             "objective": {
                 "type": "object",
                 "default": {},
+                "description": "How trials are ranked for status.best.",
                 "properties": {
-                    "metric": {"type": "string", "enum": METRICS, "default": "val/loss"},
-                    "goal": {"type": "string", "enum": ["minimize", "maximize"], "default": "minimize"},
+                    "metric": {
+                        "type": "string",
+                        "enum": METRICS,
+                        "default": "val/loss",
+                        "description": "The final metric of each trial's run that ranks it.",
+                    },
+                    "goal": {
+                        "type": "string",
+                        "enum": ["minimize", "maximize"],
+                        "default": "minimize",
+                        "description": "Whether the best trial has the lowest or the highest metric.",
+                    },
                 },
             },
             "skipInvalid": {
@@ -95,57 +128,75 @@ def sweep_spec(template: dict) -> dict:
     }
 
 
+def typed(kind: str, description: str, **extra) -> dict:
+    return {"type": kind, **extra, "description": description}
+
+
 def sweep_status() -> dict:
     trial = {
         "type": "object",
         "properties": {
-            "index": {"type": "integer"},
-            "name": {"type": "string"},
-            "parameters": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-            "phase": {"type": "string"},
-            "objective": {"type": "number"},
-            "mlflowRunId": {"type": "string"},
+            "index": typed("integer", "The trial's number, from 0 in the order of the expansion."),
+            "name": typed(
+                "string", "The trial's TTTJob: <sweep>-t<index>, shortened with a hash when too long."
+            ),
+            "parameters": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "description": "The trial's value of each swept field, by dotted name.",
+            },
+            "phase": typed("string", "The trial TTTJob's phase, or NotStarted."),
+            "objective": typed("number", "The trial's value of the objective metric, once it succeeded."),
+            "mlflowRunId": typed("string", "The trial's MLflow run (a child of the sweep's)."),
         },
     }
     condition = {
         "type": "object",
         "required": ["type", "status"],
         "properties": {
-            "type": {"type": "string"},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "observedGeneration": {"type": "integer"},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "type": typed("string", "The condition's type (Running, Succeeded or Failed)."),
+            "status": typed("string", "Whether the condition holds.", enum=["True", "False", "Unknown"]),
+            "reason": typed("string", "Why, in one CamelCase word (e.g. TrialsRunning, InvalidSpec)."),
+            "message": typed("string", "Why, in a sentence."),
+            "observedGeneration": typed("integer", "The metadata.generation the condition was set for."),
+            "lastTransitionTime": typed("string", "When status last changed.", format="date-time"),
         },
     }
+    count = "Trials that "
     return {
         "type": "object",
+        "description": "What the operator last saw of the sweep and its trials (written by the operator).",
         "properties": {
-            "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]},
-            "message": {"type": "string"},
-            "observedGeneration": {"type": "integer"},
-            "total": {"type": "integer"},
-            "created": {"type": "integer"},
-            "running": {"type": "integer"},
-            "succeeded": {"type": "integer"},
-            "failed": {"type": "integer"},
-            "skipped": {"type": "integer"},
-            "trials": {"type": "array", "items": trial},
+            "phase": typed(
+                "string",
+                "Pending, Running (trials started), Succeeded (all finished, one scored) or Failed (final).",
+                enum=["Pending", "Running", "Succeeded", "Failed"],
+            ),
+            "message": typed("string", "The phase in a sentence (trials started and succeeded, the best)."),
+            "observedGeneration": typed("integer", "The metadata.generation the status was computed from."),
+            "total": typed("integer", "Trials of the sweep (after skipped combinations)."),
+            "created": typed("integer", f"{count}have a TTTJob."),
+            "running": typed("integer", f"{count}are Running."),
+            "succeeded": typed("integer", f"{count}Succeeded."),
+            "failed": typed("integer", f"{count}Failed."),
+            "skipped": typed("integer", "Combinations left out as invalid (spec.skipInvalid)."),
+            "trials": {"type": "array", "description": "Every trial, by index.", "items": trial},
             "best": {
                 "type": "object",
+                "description": "The succeeded trial with the best objective so far.",
                 "properties": {
                     **trial["properties"],
-                    "metric": {"type": "string"},
-                    "summary": {"type": "string"},
+                    "metric": typed("string", "The objective metric it was ranked by."),
+                    "summary": typed("string", "t<index>, its values and objective, for kubectl get."),
                 },
             },
             "mlflowRunId": {"type": "string", "description": "The sweep's MLflow parent run."},
             "mlflowLogged": {"type": "boolean", "description": "The parent run holds the final results."},
-            "startTime": {"type": "string", "format": "date-time"},
-            "completionTime": {"type": "string", "format": "date-time"},
+            "startTime": typed("string", "When the sweep was first reconciled.", format="date-time"),
+            "completionTime": typed("string", "When it reached Succeeded or Failed.", format="date-time"),
             "conditions": {
                 "type": "array",
+                "description": "The sweep's conditions (metav1.Condition): Running, Succeeded, Failed.",
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
                 "items": condition,
@@ -174,14 +225,22 @@ def build() -> dict:
         "description": "A sweep over TTTJob config fields: one TTTJob per trial, the best one reported.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
+            "apiVersion": typed("string", "The API version of this object, ttt.dev/v1alpha1."),
+            "kind": typed("string", "TTTSweep."),
             # Trials are named <sweep>-t<index>, and a TTTJob name has at most 42 characters and starts
-            # with a letter (KubeRay's rule for the RayJobs under it).
+            # with a letter (KubeRay's rule for the RayJobs under it); from trial 10000 on the operator
+            # shortens the name and adds a hash (sweeps.trial_name).
             "metadata": {
                 "type": "object",
+                "description": "The object's metadata (kubectl explain tttsweep.metadata: ObjectMeta).",
                 "properties": {
-                    "name": {"type": "string", "maxLength": 36, "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$"}
+                    "name": {
+                        "type": "string",
+                        "description": "The sweep's name: at most 36 lowercase letters, digits and '-', a "
+                        "letter first (its trials are TTTJobs named <name>-t<index>).",
+                        "maxLength": 36,
+                        "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                    }
                 },
             },
             "spec": sweep_spec(template),

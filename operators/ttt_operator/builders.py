@@ -1,16 +1,19 @@
 """Pure builders: a TTTJob (a plain dict, as the API server returns it) → the job config it runs, and the
 ConfigMap and KubeRay RayJob of one attempt. No I/O here, so every manifest can be checked in tests.
 
-Attempt N of TTTJob `x` is the RayJob and ConfigMap `x-aN`. Every attempt runs under the same run name
-(`x-<uid prefix>`), so it writes to the same run directory and MLflow run and resumes from the newest
-checkpoint there.
+Attempt N of TTTJob `x` is the RayJob and ConfigMap `x-aN` (shortened with a hash where that would not
+fit KubeRay's names, see `attempt_name`). Every attempt runs under the same run name (`x-<uid prefix>`), so
+it writes to the same run directory and MLflow run and resumes from the newest checkpoint there.
 """
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 import re
 import shlex
 from dataclasses import dataclass
+from decimal import Decimal, DecimalException
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -35,10 +38,15 @@ DEFAULT_GRACE_S = 30
 NAME_RULE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 """KubeRay refuses RayJob and RayCluster names that are not DNS-1035 labels (a letter first, no dots)."""
 MAX_JOB_NAME = 42
-"""KubeRay allows RayJob names of 47 characters; attempts add -aN."""
+"""The CRD's limit: KubeRay allows RayJob names of 47 characters, and attempts add -aN (to attempt 999)."""
+MAX_RAYJOB_NAME = 47
+NAME_HASH = 10
+"""Hex digits of the hash in a shortened child name: 40 bits, so two long names sharing a cut do not meet."""
 AGENT_PORT = 52365
 """The Ray dashboard agent's port: KubeRay's probes and ours ask it for the node's health."""
 HEAD_RESOURCES = {"cpu": "2", "memory": "8Gi"}
+HEAD_SHM_SHARE = 4
+"""The head's /dev/shm (Ray's object store; the driver's objects only) is a quarter of its memory."""
 DEFAULT_POD_SECURITY = {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"}
 """The image runs as uid 1000: fsGroup makes the runs volume group-writable for it (OnRootMismatch skips
 the recursive chown of a volume that is already right)."""
@@ -55,6 +63,10 @@ class Layout:
     cpu: str
     memory: str
     shared_memory: str
+    """Of a worker pod; the head has its own, below."""
+    head_cpu: str
+    head_memory: str
+    head_shared_memory: str
 
     @property
     def workers_per_node(self) -> int:
@@ -68,6 +80,13 @@ class Layout:
 def layout(spec: dict[str, Any]) -> Layout:
     gpus = int(spec.get("gpusPerNode", 0))
     res = spec.get("resources") or {}
+    head = (spec.get("head") or {}).get("resources") or {}
+    head_memory = str(head.get("memory", HEAD_RESOURCES["memory"]))
+    if "sharedMemory" in head:
+        head_shm = str(head["sharedMemory"])
+    else:
+        # /dev/shm is memory of its own pod: sized from the head's, not from the (GPU) workers'.
+        head_shm = mebibytes(quantity_bytes(head_memory, "spec.head.resources.memory") / HEAD_SHM_SHARE)
     return Layout(
         nodes=int(spec.get("numNodes", 1)),
         gpus_per_node=gpus,
@@ -75,13 +94,47 @@ def layout(spec: dict[str, Any]) -> Layout:
         cpu=str(res.get("cpu", 8 * gpus if gpus else 2)),
         memory=str(res.get("memory", f"{64 * gpus}Gi" if gpus else "4Gi")),
         shared_memory=str(res.get("sharedMemory", f"{8 * gpus}Gi" if gpus else "1Gi")),
+        head_cpu=str(head.get("cpu", HEAD_RESOURCES["cpu"])),
+        head_memory=head_memory,
+        head_shared_memory=head_shm,
     )
 
 
-def cpu_cores(quantity: str) -> float:
-    """Kubernetes CPU quantity → cores ('500m' → 0.5)."""
+def cpu_cores(quantity: str | int) -> float:
+    """Kubernetes CPU quantity → cores ('500m' → 0.5, '1e1' → 10)."""
     text = str(quantity)
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+_QUANTITY = re.compile(
+    r"^(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>[KMGTPE]i|[eE](?P<exponent>[0-9]+)|[mkMGTPE])?$"
+)
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def quantity_bytes(quantity: str | int, field: str) -> Decimal:
+    """A Kubernetes memory quantity in bytes ('8Gi', '500M', '1e9'); a SpecError naming `field` if it is none
+    (one stored before the CRD checked it)."""
+    match = _QUANTITY.match(str(quantity))
+    if match is None:
+        raise SpecError(field, f"'{quantity}' is not a Kubernetes quantity such as 8Gi, 8192Mi or 8G")
+    number, suffix = Decimal(match["number"]), match["suffix"] or ""
+    if match["exponent"]:
+        try:
+            return number.scaleb(int(match["exponent"]))
+        except DecimalException:  # an exponent past Decimal's range: no memory is that large
+            raise SpecError(field, f"'{quantity}' is out of range") from None
+    return number * _BINARY.get(suffix, _DECIMAL.get(suffix, 1))
+
+
+def mebibytes(size: Decimal) -> str:
+    """Bytes as a quantity in whole Mi (at least 1Mi), in Gi or Ti when exact: 2Gi, 2384Mi."""
+    mib = max(int(size // 2**20), 1)
+    for unit, factor in (("Ti", 2**20), ("Gi", 2**10)):
+        if mib % factor == 0:
+            return f"{mib // factor}{unit}"
+    return f"{mib}Mi"
 
 
 def by_index(objects: list[dict[str, Any]], label: str) -> dict[int, dict[str, Any]]:
@@ -100,8 +153,26 @@ def run_name(job: dict[str, Any]) -> str:
     return f"{meta['name']}-{meta['uid'].replace('-', '')[:8]}"
 
 
+def child_name(base: str, suffix: str, limit: int) -> str:
+    """`base + suffix` if it has at most `limit` characters. Otherwise the base is cut short and a hash of the
+    whole name goes between it and the suffix (`<cut base>-<hash><suffix>`): the same inputs give the same
+    name, it still starts with the base's first letter and ends with the suffix, and two long names that
+    share their cut differ in the hash. A valid DNS-1035 base gives a valid DNS-1035 name."""
+    name = f"{base}{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    room = limit - len(suffix) - NAME_HASH - 1
+    if room < 1:  # a suffix (attempt number) too long to keep: the hash stands for it
+        return f"{base[:1]}-{digest[: limit - 2]}"
+    return f"{base[:room].rstrip('-')}-{digest[:NAME_HASH]}{suffix}"
+
+
 def attempt_name(job_name: str, attempt: int) -> str:
-    return f"{job_name}-a{attempt}"
+    """The RayJob and ConfigMap of an attempt: `<job>-a<attempt>`, within KubeRay's 47 characters for any
+    attempt (preemptions are retried without limit). The operator finds them by owner UID and attempt label,
+    never by name, so a shortened name is only read, never parsed."""
+    return child_name(job_name, f"-a{attempt}", MAX_RAYJOB_NAME)
 
 
 def storage_root(spec: dict[str, Any], settings: Settings) -> str:
@@ -125,10 +196,26 @@ def check_name(name: str) -> None:
         )
 
 
+def check_storage(spec: dict[str, Any], settings: Settings) -> None:
+    """A local storageUri must be on the runs volume: anywhere else in a Ray pod is the container's own disk,
+    and the run (its checkpoints too) would go with the pod."""
+    uri = spec.get("storageUri")
+    if not uri or uri.startswith("s3://"):
+        return
+    # Normalised first: /runs/../tmp is not on the volume.
+    if not PurePosixPath(posixpath.normpath(uri)).is_relative_to(settings.runs_mount):
+        raise SpecError(
+            "spec.storageUri",
+            f"'{uri}' is outside the runs volume, mounted at '{settings.runs_mount}' in the Ray pods: a run "
+            "there would be lost with its pod; use a path under the mount or s3://bucket/prefix",
+        )
+
+
 def render_config(job: dict[str, Any], settings: Settings) -> cfgmod.JobConfig:
     """The spec's job config (recipe, config, overrides, knobs), then what the platform decides."""
     check_name(job["metadata"]["name"])
     spec = job["spec"]
+    check_storage(spec, settings)
     data = job_config(spec).to_dict()
     shape = layout(spec)
     gpus = shape.gpus_per_node > 0
@@ -249,11 +336,11 @@ def _probes(settings: Settings, head: bool) -> dict[str, dict]:
     }
 
 
-def _volumes(attempt_cm: str, shape: Layout, settings: Settings, root: str) -> tuple[list, list]:
+def _volumes(attempt_cm: str, shm: str, settings: Settings, root: str) -> tuple[list, list]:
     volumes = [
         {"name": "job-config", "configMap": {"name": attempt_cm}},
         # /dev/shm is 64Mi in a container by default: too small for NCCL and data loader workers.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shared_memory}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         {"name": "stop", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
     ]
     mounts = [
@@ -274,7 +361,8 @@ def _pod_template(
     group = spec.get(role) or {}
     cm = attempt_name(job["metadata"]["name"], attempt)
     env, env_from = _env(spec, group, settings, shape.gpus_per_node > 0, attempt)
-    volumes, mounts = _volumes(cm, shape, settings, root)
+    shm = shape.head_shared_memory if role == "head" else shape.shared_memory
+    volumes, mounts = _volumes(cm, shm, settings, root)
     grace = grace_seconds(spec)
     container: dict[str, Any] = {
         "name": f"ray-{role}",
@@ -325,13 +413,11 @@ def ray_job(job: dict[str, Any], attempt: int, cfg: cfgmod.JobConfig, settings: 
     worker_res = {"cpu": shape.cpu, "memory": shape.memory}
     if shape.gpus_per_node:
         worker_res["nvidia.com/gpu"] = str(shape.gpus_per_node)
-    # Accelerator networks (vpc.amazonaws.com/efa, rdma/hca, ...): device-plugin resources of the workers.
-    for name, count in ((spec.get("worker") or {}).get("extraResources") or {}).items():
-        worker_res[name] = str(count)
-    head_res = {
-        **HEAD_RESOURCES,
-        **{k: str(v) for k, v in ((spec.get("head") or {}).get("resources") or {}).items()},
-    }
+    # Accelerator networks (vpc.amazonaws.com/efa, rdma/hca, ...): device-plugin resources of the workers,
+    # and huge pages; quantities as given (an integer from YAML becomes the string Kubernetes writes).
+    for name, amount in ((spec.get("worker") or {}).get("extraResources") or {}).items():
+        worker_res[name] = str(amount)
+    head_res = {"cpu": shape.head_cpu, "memory": shape.head_memory}
     group = "gpu-workers" if shape.gpus_per_node else "cpu-workers"
     body: dict[str, Any] = {
         "apiVersion": "ray.io/v1",

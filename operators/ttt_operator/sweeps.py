@@ -55,7 +55,11 @@ def _expand_resource(key: str) -> tuple[SweepSpec, Expansion]:
 
 
 def trial_name(sweep_name: str, index: int) -> str:
-    return f"{sweep_name}-t{index}"
+    """The trial's TTTJob, `<sweep>-t<index>`: a TTTJob name (at most 42 characters, for its attempts'
+    RayJobs) for any index, shortened with a hash like an attempt's name where it would not fit."""
+    from ttt_operator.builders import MAX_JOB_NAME, child_name
+
+    return child_name(sweep_name, f"-t{index}", MAX_JOB_NAME)
 
 
 def trial_job(sweep: dict[str, Any], trial: Trial, parent_run_id: str | None = None) -> dict[str, Any]:

@@ -113,6 +113,8 @@ BAD = [
     ({"spec.suspend": "yes"}, "spec.suspend"),
     ({"spec.resources": {"cpu": "two"}}, "spec.resources.cpu"),
     ({"spec.resources": {"memory": "4 GB"}}, "spec.resources.memory"),
+    ({"spec.resources": {"memory": "4ki"}}, "spec.resources.memory"),  # Kubernetes writes Ki
+    ({"spec.resources": {"sharedMemory": "1gi"}}, "spec.resources.sharedMemory"),
     ({"spec.imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
     ({"spec.image": ""}, "spec.image"),
     ({"spec.labels": {"queue": 3}}, "spec.labels.queue"),
@@ -141,3 +143,84 @@ def test_bad_tttjob_is_rejected_naming_the_field(change, field):
     _, errors = admit(CRD, mutate(tiny(), change))
     assert errors, f"{change} was accepted"
     assert any(e.startswith(f"{field}:") or e.startswith(f"{field} ") for e in errors), errors
+
+
+# -- kubectl explain ------------------------------------------------------------------------------------
+
+# Fields that hold a Kubernetes API type as it is: described once, naming the type's place in the Pod API,
+# which `kubectl explain pod.spec.<field>` (or pod.spec.containers.<field>) documents field by field.
+KUBERNETES_SHAPES = {
+    "tolerations": "Pod spec.tolerations",
+    "affinity": "Pod spec.affinity",
+    "env": "container env",
+    "envFrom": "container envFrom",
+    "imagePullSecrets": "Pod spec.imagePullSecrets",
+    "securityContext": "Pod spec.securityContext",
+}
+
+
+def undescribed(schema: dict, path: str) -> list[str]:
+    """Paths of the properties under `schema` without a description (see the test for the rule)."""
+    missing = []
+    for name, sub in (schema.get("properties") or {}).items():
+        where = f"{path}.{name}" if path else name
+        if not (sub.get("description") or "").strip():
+            missing.append(where)
+        if name in KUBERNETES_SHAPES and path.startswith("spec"):
+            if KUBERNETES_SHAPES[name] not in (sub.get("description") or ""):
+                missing.append(f"{where} (its description must name {KUBERNETES_SHAPES[name]})")
+            continue
+        missing += undescribed(sub, where)
+    if isinstance(schema.get("items"), dict):
+        missing += undescribed(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        missing += undescribed(schema["additionalProperties"], f"{path}.*")
+    return missing
+
+
+@pytest.mark.parametrize("crd", [CRD, SWEEP_CRD], ids=["TTTJob", "TTTSweep"])
+def test_every_field_has_a_description_for_kubectl_explain(crd):
+    """The rule: every named property of the schema, at any depth (spec, status, the sweep's parameters,
+    ranges and trials, apiVersion, kind and metadata too), has a non-empty description. Array items and
+    map values are described by the field that holds them. The one exception: a field that holds a
+    Kubernetes API type unchanged (KUBERNETES_SHAPES: tolerations, affinity, env, envFrom,
+    imagePullSecrets, securityContext) has a description that names that type's place in the Pod API,
+    and its sub-fields, the Kubernetes type's own, need none (kubectl explain pod.spec... has them)."""
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert (schema.get("description") or "").strip()
+    assert undescribed(schema, "") == []
+
+
+def test_the_description_check_finds_a_missing_one():
+    schema = copy.deepcopy(CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    del schema["properties"]["status"]["properties"]["progress"]["properties"]["loss"]["description"]
+    del schema["properties"]["spec"]["properties"]["worker"]["properties"]["env"]["description"]
+    assert undescribed(schema, "") == [
+        "spec.worker.env",
+        "spec.worker.env (its description must name container env)",
+        "status.progress.loss",
+    ]
+
+
+@pytest.mark.parametrize("crd", [CRD, SWEEP_CRD], ids=["TTTJob", "TTTSweep"])
+def test_status_conditions_are_metav1_conditions(crd):
+    """status.conditions in the shape of metav1.Condition (what status.py writes), each part described,
+    merged by type."""
+    conditions = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"
+    ]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == [
+        "type"
+    ]
+    item = conditions["items"]
+    fields = item["properties"]
+    assert set(fields) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+    assert all(f.get("description") for f in fields.values()), fields
+    assert {"type", "status"} <= set(item["required"])
+    assert fields["status"]["enum"] == ["True", "False", "Unknown"]
+    assert fields["lastTransitionTime"] == {
+        **fields["lastTransitionTime"],
+        "type": "string",
+        "format": "date-time",
+    }
+    assert fields["observedGeneration"]["type"] == "integer"

@@ -144,6 +144,40 @@ def test_a_local_root_is_shared_only_on_the_runs_volume():
     assert not builders.render_config(s3_job, SETTINGS).storage.shared
 
 
+@pytest.mark.parametrize(
+    "uri", ["/scratch/runs", "/", "/tmp", "/runsx/a", "/runs/../tmp", "/etc/../tmp/runs"]
+)
+def test_a_storage_path_outside_the_runs_mount_is_an_invalid_spec(uri):
+    """Outside the runs volume a run writes to its container's own disk and is lost with the pod."""
+    job = example("tiny-cpu", storageUri=uri)
+    with pytest.raises(SpecError) as err:
+        builders.render_config(job, SETTINGS)
+    assert err.value.field == "spec.storageUri"
+    assert f"'{uri}'" in err.value.message and f"'{SETTINGS.runs_mount}'" in err.value.message
+    todo = decide(job, [], config=err.value)
+    assert todo.create is None and todo.status["phase"] == "Failed"
+    created = next(c for c in todo.status["conditions"] if c["type"] == "Created")
+    assert (created["status"], created["reason"]) == ("False", "InvalidSpec")
+    assert "spec.storageUri" in todo.status["message"]
+
+
+@pytest.mark.parametrize("uri", ["/runs", "/runs/", "/runs/team-a", "/runs/a/../b", "s3://bucket/team-a"])
+def test_a_storage_path_on_the_runs_mount_or_s3_is_taken(uri):
+    job = example("tiny-cpu", storageUri=uri)
+    cfg = builders.render_config(job, SETTINGS)
+    assert cfg.storage.root == uri and cfg.storage.shared == (not uri.startswith("s3://"))
+
+
+def test_the_runs_mount_is_the_operators_setting():
+    elsewhere = dataclasses.replace(SETTINGS, runs_mount="/mnt/ttt")
+    assert builders.render_config(example("tiny-cpu", storageUri="/mnt/ttt/a"), elsewhere).storage.shared
+    with pytest.raises(SpecError, match="'/mnt/ttt'"):
+        builders.render_config(example("tiny-cpu", storageUri="/runs/a"), elsewhere)
+    # The operator's own default root is the chart's to check (helm refuses one outside the mount).
+    default_elsewhere = dataclasses.replace(elsewhere, storage_uri="/x")
+    assert not builders.render_config(example("tiny-cpu"), default_elsewhere).storage.shared
+
+
 def test_spec_precedence_recipe_config_overrides_knobs():
     job = example(
         "tiny-cpu",

@@ -311,7 +311,12 @@ BAD_POD_FIELDS = [
     ({"worker": {"affinity": {"nodeAffinity": []}}}, "spec.worker.affinity.nodeAffinity"),
     ({"worker": {"extraResources": {"efa": 1}}}, "spec.worker.extraResources"),
     ({"worker": {"extraResources": {"nvidia.com/gpu": 8}}}, "spec.worker.extraResources"),
-    ({"worker": {"extraResources": {"rdma/hca": "0.5"}}}, "spec.worker.extraResources.rdma/hca"),
+    # Device plugins count whole devices (hugepages-* take memory quantities).
+    ({"worker": {"extraResources": {"rdma/hca": "0.5"}}}, "spec.worker.extraResources"),
+    ({"worker": {"extraResources": {"hugepages-2Mi": "512mi"}}}, "spec.worker.extraResources.hugepages-2Mi"),
+    ({"head": {"resources": {"memory": "8gi"}}}, "spec.head.resources.memory"),
+    ({"head": {"resources": {"memory": "512m"}}}, "spec.head.resources.memory"),  # milli-bytes
+    ({"head": {"resources": {"sharedMemory": "2ki"}}}, "spec.head.resources.sharedMemory"),
     ({"worker": {"capabilities": ["ipc_lock"]}}, "spec.worker.capabilities[0]"),
     ({"head": {"resources": {"cpu": "two"}}}, "spec.head.resources.cpu"),
     ({"imagePullSecrets": [{}]}, "spec.imagePullSecrets[0].name"),
@@ -365,12 +370,37 @@ def test_names_kuberay_refuses_are_refused(name):
 def test_names_the_crd_takes_make_rayjobs_kuberay_takes(name):
     job = load("tiny-cpu")
     job["metadata"]["name"] = name
-    rayjob = render(stored(job), attempt=100)
-    assert kuberay_refuses(rayjob["metadata"]["name"]) is None, rayjob["metadata"]["name"]
+    for attempt in (1, 100, 1000, 10**6):  # preemptions are retried without limit
+        rayjob = render(stored(job), attempt=attempt)
+        assert kuberay_refuses(rayjob["metadata"]["name"]) is None, rayjob["metadata"]["name"]
     sweep = load("sweep-tiny-cpu")
     sweep["metadata"]["name"] = name[:36]
     assert admit(SWEEP_CRD, sweep)[1] == []
-    assert kuberay_refuses(f"{sweeps.trial_name(name[:36], 99)}-a100") is None
+    for index in (99, 9999, 10_000):
+        trial = sweeps.trial_name(name[:36], index)
+        assert kuberay_refuses(builders.attempt_name(trial, 1000)) is None
+
+
+# -- 16: the head's /dev/shm is its own ------------------------------------------------------------------
+
+
+def shm_size(pod: dict) -> str:
+    return next(v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "dshm")
+
+
+def test_the_heads_shared_memory_comes_from_its_own_memory():
+    """/dev/shm is memory of the pod it is in: the head (16Gi) must not get the 8-GPU workers' 64Gi."""
+    head, worker = pods(render(gpu_job()))
+    assert shm_size(worker) == "64Gi" and shm_size(head) == "4Gi"  # a quarter of the head's memory
+    assert shm_size(pods(render(stored(load("tiny-cpu"))))[0]) == "2Gi"  # of the default 8Gi
+    job = load("tiny-cpu")
+    job["spec"]["head"] = {"resources": {"memory": "10G"}}
+    assert shm_size(pods(render(stored(job)))[0]) == "2384Mi"  # rounded down to whole Mi
+    job["spec"]["head"] = {"resources": {"memory": "6Gi", "sharedMemory": "1536Mi"}}
+    head, _ = pods(render(stored(job)))
+    assert shm_size(head) == "1536Mi"
+    # sharedMemory sizes the volume, it is not a resource of the container.
+    assert head["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "6Gi"}
 
 
 # -- 13: finished attempts' pods stay for their logs ----------------------------------------------------
