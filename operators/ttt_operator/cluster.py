@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,7 +17,9 @@ CUSTOM = {
     "TTTJob": (GROUP, VERSION, PLURAL),
     "TTTSweep": (GROUP, VERSION, "tttsweeps"),
     "RayJob": ("ray.io", "v1", "rayjobs"),
+    "RayCluster": ("ray.io", "v1", "rayclusters"),
 }
+PODS_READ = 16  # a starting attempt's pods read to tell why it is stuck (the head and a few workers say it)
 
 
 def load_credentials() -> None:
@@ -78,6 +81,27 @@ class Cluster:
                     "the API server does not serve ray.io/v1 RayJobs: install KubeRay"
                 ) from None
             raise
+
+    def pods(self, namespace: str, ray_cluster: str) -> list[dict[str, Any]]:
+        """The pods of a RayCluster (KubeRay labels each with ray.io/cluster), read-only."""
+        found = self.core.list_namespaced_pod(
+            namespace,
+            label_selector=f"ray.io/cluster={ray_cluster}",
+            limit=PODS_READ,
+            _request_timeout=TIMEOUT_S,
+            _preload_content=False,  # the JSON as served: no client-side model to refuse a partial status
+        )
+        return json.loads(found.data).get("items") or []
+
+    def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The core/v1 Events about the object `name` in `namespace` (any kind), read-only."""
+        found = self.core.list_namespaced_event(
+            namespace,
+            field_selector=f"involvedObject.name={name}",
+            _request_timeout=TIMEOUT_S,
+            _preload_content=False,
+        )
+        return json.loads(found.data).get("items") or []
 
     def create(self, body: dict[str, Any]) -> bool:
         """Create a ConfigMap or custom resource; False if it already exists with the same owner (an earlier

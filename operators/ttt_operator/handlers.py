@@ -8,6 +8,9 @@ completes with the operator scaled to zero, uninstalled or crash-looping, and ow
 RayJobs and ConfigMaps. That is why the periodic poll is a thread of our own over the TTTJobs kopf's watch
 has shown, not a kopf timer (timers always take a finalizer, to be stopped at deletion).
 
+A starting attempt's pods and Events are read (read-only) to say what holds it back (stuck.py); a failed
+attempt's retry is created by the poll once its backoff, recorded in the status, has passed.
+
 An attempt refused for a ResourceQuota (or a webhook citing one), or whose name is still held by the
 children of a deleted TTTJob of the same name, waits: phase Pending with reason QuotaExceeded or
 NameInUse, tried again by the poll with a backoff that doubles up to BACKOFF_CAP_S (kept in memory: a
@@ -32,13 +35,15 @@ from ttt.storage import open_storage
 from ttt.train.report import read_progress
 from ttt_operator import builders, sweep_tracking, sweeps
 from ttt_operator.builders import GROUP, LABEL_JOB, PLURAL, VERSION, SpecError
-from ttt_operator.cluster import Cluster, KubeRayMissing, NameTaken, load_credentials, owned_by
-from ttt_operator.reconcile import annotate_attempts, blocked, by_attempt, plan
+from ttt_operator.cluster import PODS_READ, Cluster, KubeRayMissing, NameTaken, load_credentials, owned_by
+from ttt_operator.reconcile import Backoff, annotate_attempts, blocked, by_attempt, plan
 from ttt_operator.run_report import from_mlflow
 from ttt_operator.settings import Settings
-from ttt_operator.status import FAILED, PENDING, SUSPENDED, TERMINAL, now_iso
+from ttt_operator.status import FAILED, PENDING, SUSPENDED, TERMINAL, Outcome, now_iso, outcome
+from ttt_operator.stuck import Stuck, diagnose
 
 SETTINGS = Settings.from_env()
+RETRY_BACKOFF = Backoff(SETTINGS.retry_backoff_seconds, SETTINGS.retry_backoff_cap_seconds)
 log = logging.getLogger("ttt_operator")
 # Answers that will not change on a retry (bad request, forbidden, invalid): report them, do not retry.
 REFUSED = (400, 403, 422)
@@ -94,7 +99,8 @@ def reconcile(namespace: str, name: str) -> None:
                 and not job["spec"].get("suspend")
             )
             report, unreadable = _read_report(run[1], config) if rayjobs or attempt else (None, None)
-            todo = plan(job, rayjobs, report, config, run, now)
+            stuck = _why_stuck(api, rayjobs.get(attempt))
+            todo = plan(job, rayjobs, report, config, run, now, stuck, RETRY_BACKOFF)
             if unreadable and gone and todo.create is not None:
                 why = f"the RayJob of attempt {attempt} is gone and its run's progress cannot be read"
                 wait = ("ProgressUnreadable", f"{why} ({unreadable})")
@@ -102,6 +108,8 @@ def reconcile(namespace: str, name: str) -> None:
             api.delete("RayJob", namespace, rayjob)
         if wait is None and todo.create is not None and not isinstance(config, SpecError):
             wait = _create_attempt(api, job, todo, config, now)
+            if wait is None:
+                _release(api, namespace, todo.release)
         if wait is not None:
             reason, message = wait
             tries = _waiting.get((namespace, name), (0, 0.0))[0] + 1
@@ -136,6 +144,37 @@ def _create_attempt(api: Cluster, job: dict, todo: Any, config: Any, now: str) -
         todo.status = blocked(job, todo.status, FAILED, "RayJobRejected", message, now)
         todo.events = [("Warning", "RayJobRejected", message)]
     return None
+
+
+def _why_stuck(api: Cluster, rayjob: dict[str, Any] | None) -> Stuck | None:
+    """What holds a starting attempt back, from its pods and the Events on them, its RayCluster and its
+    RayJob; None if it is not starting or nothing is known to be wrong. Reading them must never stop the
+    reconcile: a denied or failed read only loses the diagnosis."""
+    if rayjob is None or outcome(rayjob) is not Outcome.STARTING:
+        return None
+    meta, ray_cluster = rayjob["metadata"], (rayjob.get("status") or {}).get("rayClusterName")
+    try:
+        pods = api.pods(meta["namespace"], ray_cluster) if ray_cluster else []
+        # Events of pods that are not running yet (a running pod says nothing about being stuck).
+        names = [meta["name"], *([ray_cluster] if ray_cluster else [])]
+        names += [p["metadata"]["name"] for p in pods if (p.get("status") or {}).get("phase") != "Running"]
+        events = [event for name in names[:PODS_READ] for event in api.events(meta["namespace"], name)]
+    except ApiException as exc:
+        log.warning(
+            "cannot read the pods or Events of RayJob %s/%s: %s", meta["namespace"], meta["name"], exc
+        )
+        return None
+    return diagnose(pods, events)
+
+
+def _release(api: Cluster, namespace: str, ray_clusters: list[str]) -> None:
+    """Delete the Ray clusters of attempts that a retry replaces; one that cannot be deleted now goes with
+    its RayJob's ttlSecondsAfterFinished."""
+    for name in ray_clusters:
+        try:
+            api.delete("RayCluster", namespace, name)
+        except ApiException as exc:
+            log.warning("cannot delete RayCluster %s/%s of a failed attempt: %s", namespace, name, exc)
 
 
 def _quota_denial(exc: ApiException) -> bool:

@@ -14,6 +14,13 @@ backoffLimit. Each RayJob also carries the preempted and failed attempts before 
 a status update lost with a crashed operator, after progress.json has moved on to the next attempt, loses
 none.
 
+A failed attempt's retry waits a backoff that doubles with each failure, up to a cap; the time it is due is
+kept in `status.nextAttemptAfter`, so an operator restarted meanwhile waits for it too. Preemptions are
+retried at once. When the retry is created, the failed attempt's RayCluster is released (its RayJob stays
+as the record). An attempt still starting `provisioningDeadlineSeconds` after it was first seen starting
+(out of its queue) is deleted and counted as a failed attempt, with what held it back (`stuck.diagnose`)
+in the message.
+
 Succeeded and Failed are final: such a TTTJob is never run again, whatever happens to its RayJobs later and
 whatever is changed in its spec (running again means a new TTTJob). The exceptions launched nothing: a job
 that failed with InvalidSpec is planned again (a fixed spec starts it), one refused by the API server
@@ -37,10 +44,13 @@ from ttt_operator.status import (
     TERMINAL,
     Outcome,
     failure_message,
+    later,
     outcome,
     phase_conditions,
     progress_status,
+    seconds_between,
 )
+from ttt_operator.stuck import Stuck
 
 _ACTIVE = (Outcome.STARTING, Outcome.QUEUED, Outcome.RUNNING)
 PREEMPTED_ANNOTATION = "ttt.dev/preempted-attempts"
@@ -51,12 +61,28 @@ FAILED_ANNOTATION = "ttt.dev/failed-attempts"
 _REPLANNED = ("InvalidSpec", "RayJobRejected")
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """How long a failed attempt waits for its retry: base_s, doubled for each failure, at most cap_s (the
+    delays of a Kubernetes Job's pod failures: 10 s, 20 s, 40 s, ... capped at six minutes)."""
+
+    base_s: float = 10.0
+    cap_s: float = 360.0
+
+    def delay(self, failures: int) -> float:
+        return min(self.cap_s, self.base_s * 2 ** max(failures - 1, 0))
+
+
 @dataclass
 class Plan:
     create: int | None = None
     """Attempt whose ConfigMap and RayJob to create."""
     delete: list[str] = field(default_factory=list)
-    """RayJobs to delete (suspension)."""
+    """RayJobs to delete (suspension, an attempt past its provisioning deadline)."""
+    release: list[str] = field(default_factory=list)
+    """RayClusters of the attempt before the one created, to delete: a failed attempt's RayJob stays for
+    ttlSecondsAfterFinished (its record, its submitter's logs), but its Ray pods must not hold the GPUs
+    its retry needs."""
     status: dict[str, Any] = field(default_factory=dict)
     """Merge patch for the TTTJob's status (None values remove a field)."""
     events: list[tuple[str, str, str]] = field(default_factory=list)
@@ -74,9 +100,12 @@ def plan(
     config: JobConfig | SpecError,
     run: tuple[str, str],
     now: str,
+    stuck: Stuck | None = None,
+    backoff: Backoff | None = None,
 ) -> Plan:
     """`config` is the rendered job config (or why it cannot be rendered); `run` is (run name, path);
-    `rayjobs` are the RayJobs this TTTJob (by UID) owns."""
+    `rayjobs` are the RayJobs this TTTJob (by UID) owns; `stuck`, what holds the current attempt back if it
+    is starting; `backoff`, the retry delays of failed attempts (None: retry at once)."""
     spec, old = job["spec"], job.get("status") or {}
     name = job["metadata"]["name"]
     generation = job["metadata"].get("generation")
@@ -86,19 +115,33 @@ def plan(
     attempt = max(int(old.get("attempt") or 0), max(rayjobs, default=0))
     current = rayjobs.get(attempt)
     result = outcome(current) if current else None
+    failures = set(old.get("failedAttemptNumbers") or []) | recorded(rayjobs, FAILED_ANNOTATION)
     if current is None and attempt and not spec.get("suspend") and old.get("phase") != SUSPENDED:
-        result = ended_as_reported(report, attempt)  # its RayJob is gone: the run tells how it ended
+        # Its RayJob is gone: a failure already recorded (the RayJob removed while its retry waits), or
+        # what the run tells of how it ended.
+        result = Outcome.FAILED if attempt in failures else ended_as_reported(report, attempt)
     preempted = set(old.get("preemptedAttempts") or []) | recorded(rayjobs, PREEMPTED_ANNOTATION)
     if result is Outcome.FAILED and was_preempted(report, attempt):
         preempted.add(attempt)
-    failures = set(old.get("failedAttemptNumbers") or []) | recorded(rayjobs, FAILED_ANNOTATION)
+    why = failure_message(current) if current else gone_message(name, attempt, report)
+    out = Plan()
+    starting_since = None
+    if result is Outcome.STARTING and not spec.get("suspend"):
+        starting_since = old.get("startingSince") if old.get("attempt") == attempt else None
+        starting_since = starting_since or now
+        deadline = spec.get("provisioningDeadlineSeconds")
+        if deadline and seconds_between(starting_since, now) >= deadline:
+            held = f": {stuck.reason}, {stuck.message}" if stuck else ""
+            why = f"attempt {attempt} did not start within provisioningDeadlineSeconds={deadline}{held}"
+            out.delete.append(current["metadata"]["name"])  # its pods hold what others could use
+            out.events.append(("Warning", "ProvisioningDeadlineExceeded", why))
+            result, starting_since = Outcome.FAILED, None
     failures |= {n for n, rj in rayjobs.items() if outcome(rj) is Outcome.FAILED}
     if result is Outcome.FAILED:
         failures.add(attempt)
     failures -= preempted
     failed = len(failures)
-    why = failure_message(current) if current else gone_message(name, attempt, report)
-    out = Plan()
+    retry_at = None
 
     if result is Outcome.SUCCEEDED:
         phase, reason, message = SUCCEEDED, "Succeeded", f"attempt {attempt} finished"
@@ -113,19 +156,35 @@ def plan(
         phase, reason = FAILED, "BackoffLimitExceeded"
         message = f"{failed} failed attempts, backoffLimit {limit}; last: {why}"
     elif result is None or result is Outcome.FAILED:
+        failure = result is Outcome.FAILED and attempt not in preempted
+        if failure and backoff is not None:
+            retry_at = old.get("nextAttemptAfter") or later(now, backoff.delay(failed))
+        told = bool(old.get("nextAttemptAfter"))  # AttemptFailed was posted when the wait began
         if isinstance(config, SpecError):
             phase, reason, message = FAILED, "InvalidSpec", str(config)
+        elif retry_at is not None and now < retry_at:
+            phase, reason = PENDING, "BackingOff"
+            message = old.get("message") if told and old.get("reason") == reason else None
+            message = message or f"attempt {attempt} failed: {why}; retry {failed} of {limit} at {retry_at}"
+            if not told:
+                out.events.append(("Warning", "AttemptFailed", why))
         else:
+            retry_at = None
             attempt += 1
             out.create = attempt
             phase, message = PENDING, f"RayJob {attempt_name(name, attempt)} created"
+            before = rayjobs.get(attempt - 1)
+            ray_cluster = ((before or {}).get("status") or {}).get("rayClusterName")
+            if ray_cluster and before["metadata"]["name"] not in out.delete:
+                out.release.append(ray_cluster)
             if attempt - 1 in preempted:
                 reason = PREEMPTED
                 message = f"attempt {attempt - 1} was {report.get('message', 'stopped')}; {message}"
                 message += " (a preemption is not counted against backoffLimit)"
             elif result is Outcome.FAILED:
                 reason = "Retrying"
-                out.events.append(("Warning", "AttemptFailed", why))
+                if not told:
+                    out.events.append(("Warning", "AttemptFailed", why))
                 message += f" (retry {failed} of {limit})"
             else:
                 reason = "Resumed" if old.get("phase") == SUSPENDED else "Created"
@@ -139,15 +198,21 @@ def plan(
     else:
         phase, reason = PENDING, "Starting"
         message = f"RayJob {attempt_name(name, attempt)} is starting its Ray cluster"
+        if stuck is not None:
+            reason, message = stuck.reason, f"{message}; held back: {stuck.message}"
+            if old.get("reason") != reason:
+                out.events.append(("Warning", reason, message))
 
-    if phase != old.get("phase"):
+    if phase != old.get("phase") or (reason == "BackingOff" and old.get("reason") != reason):
         kind = "Warning" if phase == FAILED else "Normal"
         if not out.events or out.events[-1][1] != reason:
             out.events.append((kind, reason, message))
-    rayjob = attempt_name(name, attempt) if attempt and (out.create or current) and not out.delete else None
+    holds = attempt and (out.create or current) and not (out.delete and not out.create)
+    rayjob = attempt_name(name, attempt) if holds else None
     status: dict[str, Any] = {
         **progress_status(report),
         "phase": phase,
+        "reason": reason,
         "message": message,
         "observedGeneration": generation,
         "attempt": attempt,
@@ -157,6 +222,8 @@ def plan(
         "rayJobName": attempt_name(name, attempt) if attempt else None,
         "runName": run[0],
         "storagePath": run[1],
+        "startingSince": starting_since,
+        "nextAttemptAfter": retry_at,
         "conditions": phase_conditions(
             old.get("conditions") or [], phase, reason, message, generation, now, rayjob
         ),
@@ -249,6 +316,7 @@ def blocked(
     return {
         **status,
         "phase": phase,
+        "reason": reason,
         "message": message,
         "attempt": old.get("attempt", 0),
         "rayJobName": old.get("rayJobName"),

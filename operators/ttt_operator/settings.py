@@ -35,6 +35,10 @@ class Settings:
     ray_version: str = "2.60.0"
     poll_seconds: float = 30.0
     """How often running jobs' progress is read from their run directory."""
+    retry_backoff_seconds: float = 10.0
+    """A failed attempt's retry waits this long, doubled for each failure before it, ..."""
+    retry_backoff_cap_seconds: float = 360.0
+    """... up to this long."""
     log_level: str = "INFO"
 
     @classmethod
@@ -48,6 +52,17 @@ class Settings:
             raise UserError(f"TTT_POLL_SECONDS: '{env['TTT_POLL_SECONDS']}' is not a number") from None
         if poll <= 0:
             raise UserError(f"TTT_POLL_SECONDS: must be positive, got {poll}")
+        backoff = {}
+        for field_name, var in (
+            ("retry_backoff_seconds", "TTT_RETRY_BACKOFF_SECONDS"),
+            ("retry_backoff_cap_seconds", "TTT_RETRY_BACKOFF_CAP_SECONDS"),
+        ):
+            try:
+                backoff[field_name] = float(env.get(var) or getattr(cls, field_name))
+            except ValueError:
+                raise UserError(f"{var}: '{env[var]}' is not a number of seconds") from None
+            if not 0 <= backoff[field_name] < float("inf"):
+                raise UserError(f"{var}: must be a finite number of seconds, at least 0, got {env[var]}")
         namespaces = tuple(n.strip() for n in env.get("TTT_OPERATOR_NAMESPACES", "").split(",") if n.strip())
         try:
             ttl = int(env.get("TTT_RAYJOB_TTL_SECONDS") or cls.rayjob_ttl_seconds)
@@ -71,5 +86,6 @@ class Settings:
             rayjob_ttl_seconds=ttl,
             ray_version=env.get("TTT_RAY_VERSION") or cls.ray_version,
             poll_seconds=poll,
+            **backoff,
             log_level=env.get("TTT_LOG_LEVEL") or cls.log_level,
         )

@@ -8,7 +8,7 @@ Failed, Suspended, …) and `jobStatus` (the Ray job's: PENDING, RUNNING, SUCCEE
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
@@ -50,8 +50,24 @@ def failure_message(rayjob: dict[str, Any]) -> str:
     return f"RayJob {rayjob['metadata']['name']} failed ({detail})"
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+"""RFC 3339 in UTC to the second, as Kubernetes writes times: such strings sort as the times they name."""
+
+
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime(TIME_FORMAT)
+
+
+def seconds_between(start: str, end: str) -> float:
+    return (_parse(end) - _parse(start)).total_seconds()
+
+
+def later(stamp: str, seconds: float) -> str:
+    return (_parse(stamp) + timedelta(seconds=seconds)).strftime(TIME_FORMAT)
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.strptime(stamp, TIME_FORMAT).replace(tzinfo=timezone.utc)
 
 
 def set_condition(
@@ -140,4 +156,4 @@ def _rfc3339(text: str) -> str:
         stamp = datetime.fromisoformat(text)
     except ValueError:
         return now_iso()
-    return stamp.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return stamp.astimezone(timezone.utc).strftime(TIME_FORMAT)

@@ -236,7 +236,8 @@ def test_kubectl_get_shows_the_printer_columns(k):
     ]
     assert row.split()[:5] == ["columns", "Running", "64", "32", "1"]
     wide = k("get", "tj", "columns", "-o", "wide").splitlines()[0].split()
-    assert wide[-3:] == ["ATTEMPT", "RAYJOB", "MESSAGE"]
+    assert wide[-4:] == ["ATTEMPT", "RAYJOB", "REASON", "MESSAGE"]
+    assert k("get", "tj", "columns", "-o", "wide").splitlines()[1].split()[-6] == "Running"  # the reason
 
 
 def test_bad_tttjobs_are_rejected_by_the_api_server_naming_the_field(k):

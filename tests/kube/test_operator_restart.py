@@ -82,7 +82,9 @@ def drill(apiserver: FakeApiServer, tmp_path_factory: pytest.TempPathFactory) ->
     progress.json)."""
     base = tmp_path_factory.mktemp("restart")
     kubeconfig = prepare(apiserver, base, [NAMESPACE])
-    env = operator_env(kubeconfig, NAMESPACE, base / "runs")
+    # Retries at once: these drills are about what a restart keeps (the backoff's own restart is in
+    # test_operator_stuck.py).
+    env = operator_env(kubeconfig, NAMESPACE, base / "runs", TTT_RETRY_BACKOFF_SECONDS="0")
     operator = Operator(env, base / "operator.log")
     operator.start()
     yield {"operator": operator, "k": kubectl(kubeconfig), "server": apiserver}
