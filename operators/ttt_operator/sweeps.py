@@ -14,7 +14,7 @@ from typing import Any
 from ttt.config import ConfigError
 from ttt.jobspec import KNOBS, SpecError, job_config
 from ttt.sweep.spec import Expansion, SweepSpec, Trial, expand, from_resource, resource_field
-from ttt_operator.builders import GROUP, KIND, VERSION, by_index
+from ttt_operator.builders import GROUP, KIND, MAX_JOB_NAME, VERSION, by_index, child_name
 from ttt_operator.status import FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, set_condition
 
 SWEEP_PLURAL = "tttsweeps"
@@ -57,8 +57,6 @@ def _expand_resource(key: str) -> tuple[SweepSpec, Expansion]:
 def trial_name(sweep_name: str, index: int) -> str:
     """The trial's TTTJob, `<sweep>-t<index>`: a TTTJob name (at most 42 characters, for its attempts'
     RayJobs) for any index, shortened with a hash like an attempt's name where it would not fit."""
-    from ttt_operator.builders import MAX_JOB_NAME, child_name
-
     return child_name(sweep_name, f"-t{index}", MAX_JOB_NAME)
 
 
