@@ -139,6 +139,58 @@ securityContext:
 {{- join "," $hosts }}
 {{- end }}
 
+{{/* The backend store URI of the server and of its db-upgrade initContainer: the Secret's (the kubelet
+     substitutes $(MLFLOW_BACKEND_STORE_URI) from the container's env), or sqlite on the MLflow volume. */}}
+{{- define "ttt-platform.mlflow.backendStoreUri" -}}
+{{- if .Values.mlflow.backendStore.existingSecret }}$(MLFLOW_BACKEND_STORE_URI){{ else }}sqlite:////mlflow/mlflow.db{{ end }}
+{{- end }}
+
+{{/* The env entry behind $(MLFLOW_BACKEND_STORE_URI); empty with sqlite. */}}
+{{- define "ttt-platform.mlflow.backendStoreEnv" -}}
+{{- with .Values.mlflow.backendStore.existingSecret -}}
+- name: MLFLOW_BACKEND_STORE_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.mlflow.backendStore.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the server mounts the MLflow volume: for sqlite, local artifacts or the basic-auth users. */}}
+{{- define "ttt-platform.mlflow.usesVolume" -}}
+{{- if or (include "ttt-platform.mlflow.needsVolume" .) .Values.mlflow.auth.enabled }}true{{ end }}
+{{- end }}
+
+{{/* basic_auth.ini of MLflow's basic-auth app (MLFLOW_AUTH_CONFIG_PATH); the admin password and the Flask
+     secret key come from mlflow.auth.existingSecret, as environment variables. */}}
+{{- define "ttt-platform.mlflow.authConfig" -}}
+[mlflow]
+default_permission = {{ .Values.mlflow.auth.defaultPermission }}
+database_uri = sqlite:////mlflow/basic_auth.db
+admin_username = {{ .Values.mlflow.auth.adminUsername }}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+{{- end }}
+
+{{/* MLflow settings that cannot work together, refused before anything is installed. */}}
+{{- define "ttt-platform.mlflow.validate" -}}
+{{- $m := .Values.mlflow }}
+{{- if $m.auth.enabled }}
+{{- $_ := required "mlflow.auth.existingSecret is required when mlflow.auth.enabled is true: a Secret with keys admin-password and flask-secret-key (kubectl create secret generic mlflow-auth --from-literal=admin-password=... --from-literal=flask-secret-key=$(openssl rand -hex 32))" $m.auth.existingSecret }}
+{{- end }}
+{{- $replicas := int $m.replicas }}
+{{- if gt $replicas 1 }}
+{{- if not $m.backendStore.existingSecret }}
+{{- fail (printf "mlflow.replicas=%d: the default backend store is one sqlite file on a volume, which takes one server (one writer at a time, \"database is locked\" otherwise): keep the runs in PostgreSQL (mlflow.backendStore.existingSecret, see ci/postgres-values.yaml) or set mlflow.replicas=1" $replicas) }}
+{{- end }}
+{{- if $m.auth.enabled }}
+{{- fail (printf "mlflow.replicas=%d with mlflow.auth.enabled: the basic-auth users are a sqlite file on the MLflow volume, which takes one server: set mlflow.replicas=1 (more workers are fine: mlflow.workers)" $replicas) }}
+{{- end }}
+{{- if and (not $m.artifacts.destination) (not $m.persistence.existingClaim) (ne $m.persistence.accessMode "ReadWriteMany") }}
+{{- fail (printf "mlflow.replicas=%d: every replica mounts the MLflow volume for local artifacts, and a %s volume cannot be mounted on several nodes: put artifacts on S3 (mlflow.artifacts.destination=s3://bucket/prefix) or set mlflow.persistence.accessMode=ReadWriteMany" $replicas $m.persistence.accessMode) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* ---------- Runs storage ---------- */}}
 
 {{/* "true" when runs go to S3 rather than to the shared runs volume. */}}
