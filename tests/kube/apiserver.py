@@ -8,8 +8,10 @@ What it does: legacy discovery, JSON only (protobuf requests get 415), CRDs that
 CR admission through `tests.kube.crdschema` (defaults, pruning, schema and CEL rules, 422 `Invalid`), a
 status subresource, `meta.k8s.io/v1` Tables from printer columns, merge / strategic / JSON / apply patches,
 finalizers, ownerReference garbage collection, namespace termination and watches that resume from a
-resourceVersion and honour `timeoutSeconds`. No authentication, admission webhooks, conversion or
-pagination; server-side apply is a plain merge.
+resourceVersion and honour `timeoutSeconds`. Requests without credentials have full access; a
+ServiceAccount's token (TokenRequest API, `kubectl create token`) is held to RBAC over the stored Roles,
+ClusterRoles and bindings, with the OwnerReferencesPermissionEnforcement admission plugin. No admission
+webhooks, conversion or pagination; server-side apply is a plain merge.
 
     with FakeApiServer() as server:
         server.write_kubeconfig(path)          # then: KUBECONFIG=path kubectl apply --validate=false -f ...
@@ -31,11 +33,12 @@ import json
 import logging
 import random
 import re
+import secrets
 import socket
 import string
 import threading
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ KUBE_VERSION = {
     "platform": "linux/amd64",
 }
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+RBAC_GROUP = "rbac.authorization.k8s.io"
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the KubeRay CRD is 1.4 MB of YAML
 EVENT_LOG_SIZE = 20000  # watch events kept for resuming; older resourceVersions answer 410 Gone
 
@@ -531,8 +535,12 @@ class Cluster:
         self._rv = 0
         self._log: deque[tuple[int, tuple[str, str], str, dict]] = deque(maxlen=EVENT_LOG_SIZE)
         self._watchers: set[Watcher] = set()
+        # token -> (namespace, name, uid) of the ServiceAccount it was issued for
+        self._tokens: dict[str, tuple[str, str, str]] = {}
         for name in DEFAULT_NAMESPACES:
             self.create(self._resources[_NAMESPACES], None, {"metadata": {"name": name}})
+        for obj in DEFAULT_RBAC:
+            self.create(self._resources[(RBAC_GROUP, obj["kind"].lower() + "s")], None, obj)
 
     # -- resource types ---------------------------------------------------------------------------
 
@@ -584,6 +592,39 @@ class Cluster:
             ]
             return items, str(self._rv)
 
+    def stored(self, key: tuple[str, str], namespace: str | None = None) -> list[dict]:
+        """The stored objects of a type (in `namespace`, or all), uncopied: for reading only."""
+        with self._lock:
+            return [
+                obj
+                for (ns, _), obj in self._objects.get(key, {}).items()
+                if namespace is None or ns == namespace
+            ]
+
+    def stored_one(self, key: tuple[str, str], namespace: str, name: str) -> dict | None:
+        with self._lock:
+            return self._objects.get(key, {}).get((namespace, name))
+
+    # -- service account tokens --------------------------------------------------------------------
+
+    def issue_token(self, namespace: str, name: str) -> str:
+        """A token for a ServiceAccount (the TokenRequest API; an opaque string here, not a signed JWT)."""
+        with self._lock:
+            account = self._current(self._resources[("", "serviceaccounts")], namespace, name)
+            token = secrets.token_urlsafe(24)
+            self._tokens[token] = (namespace, name, account["metadata"]["uid"])
+            return token
+
+    def authenticate(self, token: str) -> User | None:
+        """The ServiceAccount a token was issued for, while that account (the same one, by UID) exists:
+        tokens are bound to the account and die with it."""
+        with self._lock:
+            namespace, name, uid = self._tokens.get(token, ("", "", ""))
+            account = self._objects[("", "serviceaccounts")].get((namespace, name))
+            if account is None or account["metadata"]["uid"] != uid:
+                return None
+            return service_account_user(namespace, name)
+
     # -- writes ------------------------------------------------------------------------------------
 
     def create(
@@ -626,7 +667,14 @@ class Cluster:
                 suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
                 meta["name"] = meta["generateName"] + suffix
             name = meta.get("name") or ""
-            if res.crd is None and (errors := crdschema.name_errors(meta)):
+            if res.group == RBAC_GROUP:
+                # "The name of a Role or a ClusterRole object must be a valid path segment name"
+                # (https://kubernetes.io/docs/reference/access-authn-authz/rbac/#api-overview): system:x too
+                if not name or name in (".", "..") or "/" in name or "%" in name:
+                    raise _invalid(
+                        res, name, [f'metadata.name: Invalid value: "{name}": a valid path segment name']
+                    )
+            elif res.crd is None and (errors := crdschema.name_errors(meta)):
                 raise _invalid(res, name, errors)  # (custom resources get the same check in admission)
             if (meta.get("namespace", ""), name) in self._objects[res.key]:
                 raise ApiError(
@@ -1033,6 +1081,258 @@ class Cluster:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Authentication and RBAC authorization
+#
+# A request without credentials acts as a cluster admin (as a client certificate in system:masters would):
+# the tests' kubectl and helpers. A bearer token issued by the TokenRequest API for a ServiceAccount is that
+# ServiceAccount, and what it may do is decided by the RBAC authorizer over the stored Roles, ClusterRoles
+# and bindings; any other token is refused 401.
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    name: str
+    groups: tuple[str, ...] = ()
+
+
+def service_account_user(namespace: str, name: str) -> User:
+    """The user a ServiceAccount's token authenticates as, with the groups Kubernetes gives it
+    (https://kubernetes.io/docs/reference/access-authn-authz/service-accounts-admin/)."""
+    return User(
+        f"system:serviceaccount:{namespace}:{name}",
+        ("system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Attributes:
+    """What the authorizer is asked about a request: the apiserver's RequestInfo."""
+
+    verb: str
+    path: str
+    resource_request: bool = False
+    group: str = ""
+    version: str = ""
+    resource: str = ""
+    subresource: str = ""
+    namespace: str = ""
+    name: str = ""
+
+    @property
+    def combined_resource(self) -> str:
+        return f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+
+
+_HTTP_VERBS = {
+    "POST": "create",
+    "GET": "get",
+    "HEAD": "get",
+    "PUT": "update",
+    "PATCH": "patch",
+    "DELETE": "delete",
+}
+_NAMESPACE_SUBRESOURCES = ("status", "finalize")
+
+
+def _query_flag(query: Any, key: str) -> bool:
+    """A boolean query parameter as the apiserver decodes it: present and not "0" or "false"."""
+    return key in query and query[key] != "0" and query[key].lower() != "false"
+
+
+def request_attributes(method: str, path: str, query: Any) -> Attributes:
+    """(verb, API group, resource, subresource, namespace, name) of a request, following the apiserver's
+    RequestInfoFactory (k8s.io/apiserver/pkg/endpoints/request/requestinfo.go; the verbs are those of
+    https://kubernetes.io/docs/reference/access-authn-authz/authorization/#determine-the-request-verb).
+    Anything but /api/VERSION/... and /apis/GROUP/VERSION/... is a non-resource request whose verb is the
+    lower-cased HTTP method."""
+    parts = [part for part in path.split("/") if part]
+    other = Attributes(verb=method.lower(), path=path)
+    if len(parts) < 3 or parts[0] not in ("api", "apis"):
+        return other
+    group, rest = "", parts[1:]
+    if parts[0] == "apis":
+        if len(rest) < 3:
+            return other
+        group, rest = rest[0], rest[1:]
+    version, rest = rest[0], rest[1:]
+    if rest[0] in ("watch", "proxy"):
+        if len(rest) < 2:
+            raise _unknown_path()
+        verb, rest = rest[0], rest[1:]
+    else:
+        verb = _HTTP_VERBS.get(method, "")
+    namespace = ""
+    if rest[0] == "namespaces" and len(rest) > 1:
+        namespace = rest[1]  # also the namespace of a request on the Namespace object itself
+        if len(rest) > 2 and rest[2] not in _NAMESPACE_SUBRESOURCES:
+            rest = rest[2:]
+    subresource = rest[2] if len(rest) >= 3 and verb != "proxy" else ""
+    name = rest[1] if len(rest) >= 2 else ""
+    if not name and verb == "get":
+        verb = "watch" if _query_flag(query, "watch") else "list"
+        for field, operator, value in parse_field_selector(query.get("fieldSelector", "")):
+            if field == "metadata.name" and operator == "=":
+                name = value  # a list or watch of one name is authorized as one of that name
+    if not name and verb == "delete":
+        verb = "deletecollection"
+    return Attributes(verb, path, True, group, version, rest[0], subresource, namespace, name)
+
+
+def _forbidden(group: str, resource: str, name: str, why: str) -> ApiError:
+    """A 403 as apimachinery's NewForbidden words it: `<resource>.<group> "<name>" is forbidden: <why>`."""
+    qualified = f"{resource}.{group}" if group else resource
+    if not qualified:
+        message = f"forbidden: {why}"
+    else:
+        message = f'{qualified} "{name}" is forbidden: {why}' if name else f"{qualified} is forbidden: {why}"
+    details = {key: value for key, value in (("name", name), ("group", group), ("kind", resource)) if value}
+    return ApiError(403, "Forbidden", message, details)
+
+
+def denial(user: User, attrs: Attributes, reason: str = "") -> ApiError:
+    """The 403 of a request the authorizer did not allow, worded as the apiserver words it."""
+    if attrs.resource_request:
+        scope = f'in the namespace "{attrs.namespace}"' if attrs.namespace else "at the cluster scope"
+        why = (
+            f'User "{user.name}" cannot {attrs.verb} resource "{attrs.combined_resource}" '
+            f'in API group "{attrs.group}" {scope}'
+        )
+    else:
+        why = f'User "{user.name}" cannot {attrs.verb} path "{attrs.path}"'
+    if reason:
+        why += f": {reason}"
+    if not attrs.resource_request:
+        return _forbidden("", "", "", why)  # "forbidden: User ... cannot get path ..."
+    return _forbidden(attrs.group, attrs.resource, attrs.name, why)
+
+
+def _rule_allows(rule: dict, attrs: Attributes) -> bool:
+    """One PolicyRule (k8s.io/kubernetes/pkg/registry/rbac/validation: RuleAllows)."""
+    verbs = rule.get("verbs") or []
+    if "*" not in verbs and attrs.verb not in verbs:
+        return False
+    if not attrs.resource_request:
+        return any(
+            url == "*" or url == attrs.path or (url.endswith("*") and attrs.path.startswith(url[:-1]))
+            for url in rule.get("nonResourceURLs") or []
+        )
+    groups = rule.get("apiGroups") or []
+    if "*" not in groups and attrs.group not in groups:
+        return False
+    resources = rule.get("resources") or []
+    if not any(
+        resource in ("*", attrs.combined_resource)
+        or (attrs.subresource and resource == f"*/{attrs.subresource}")
+        for resource in resources
+    ):
+        return False
+    names = rule.get("resourceNames") or []
+    return not names or attrs.name in names
+
+
+def _subject_is(subject: dict, user: User, binding_namespace: str) -> bool:
+    kind, name = subject.get("kind"), subject.get("name")
+    if kind == "User":
+        return user.name == name
+    if kind == "Group":
+        return name in user.groups
+    if kind == "ServiceAccount":
+        namespace = subject.get("namespace") or binding_namespace
+        return bool(namespace) and user.name == f"system:serviceaccount:{namespace}:{name}"
+    return False
+
+
+class RBAC:
+    """The RBAC authorizer (https://kubernetes.io/docs/reference/access-authn-authz/rbac/) over the objects
+    of `cluster`: ClusterRoleBindings grant their ClusterRole everywhere, a RoleBinding grants its Role (or a
+    ClusterRole) in its own namespace only; rules only add, nothing denies. Not modelled: aggregated
+    ClusterRoles, escalation checks on writing roles, impersonation."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def authorize(self, user: User, attrs: Attributes) -> tuple[bool, str]:
+        """(allowed, reason): a denial's reason names bindings whose role is missing, as RBAC's does."""
+        errors = []
+        places = [("clusterrolebindings", None)] + (
+            [("rolebindings", attrs.namespace)] if attrs.namespace else []
+        )
+        for plural, namespace in places:
+            for binding in self.cluster.stored((RBAC_GROUP, plural), namespace):
+                binding_namespace = binding["metadata"].get("namespace", "")
+                if not any(_subject_is(s, user, binding_namespace) for s in binding.get("subjects") or []):
+                    continue
+                ref = binding.get("roleRef") or {}
+                role_plural = "roles" if ref.get("kind") == "Role" else "clusterroles"
+                role_namespace = binding_namespace if role_plural == "roles" else ""
+                role = self.cluster.stored_one((RBAC_GROUP, role_plural), role_namespace, ref.get("name", ""))
+                if role is None:
+                    errors.append(
+                        f'{role_plural[:-1]}.rbac.authorization.k8s.io "{ref.get("name")}" not found'
+                    )
+                    continue
+                if any(_rule_allows(rule, attrs) for rule in role.get("rules") or []):
+                    return True, ""
+        if not errors:
+            return False, ""
+        return False, "RBAC: " + (errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]")
+
+
+# The default discovery roles every authenticated user has
+# (https://kubernetes.io/docs/reference/access-authn-authz/rbac/#default-roles-and-role-bindings).
+_PUBLIC_INFO = ["/healthz", "/livez", "/readyz", "/version", "/version/"]
+DEFAULT_RBAC = [
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "system:discovery"},
+        "rules": [
+            {
+                "nonResourceURLs": [
+                    "/api",
+                    "/api/*",
+                    "/apis",
+                    "/apis/*",
+                    "/openapi",
+                    "/openapi/*",
+                    *_PUBLIC_INFO,
+                ],
+                "verbs": ["get"],
+            }
+        ],
+    },
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "system:public-info-viewer"},
+        "rules": [{"nonResourceURLs": _PUBLIC_INFO, "verbs": ["get"]}],
+    },
+    *(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": role},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:authenticated"}
+            ],
+        }
+        for role in ("system:discovery", "system:public-info-viewer")
+    ),
+]
+
+
+def _blocking_refs(new: dict, old: dict | None) -> list[dict]:
+    """Owner references of `new` that block their owner's deletion and did not in `old`."""
+    before = {ref.get("uid"): ref for ref in ((old or {}).get("metadata") or {}).get("ownerReferences") or []}
+    return [
+        ref
+        for ref in (new.get("metadata") or {}).get("ownerReferences") or []
+        if ref.get("blockOwnerDeletion") and not before.get(ref.get("uid"), {}).get("blockOwnerDeletion")
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
 # HTTP
 
 
@@ -1081,6 +1381,9 @@ def _discovery_entry(res: Resource) -> list[dict]:
     return [entry, *subs]
 
 
+USER = web.RequestKey("user", object)  # the authenticated User of a request; None: no credentials
+
+
 class Handlers:
     """aiohttp handlers: parse the URL, call the cluster, answer JSON (or a Table, or a watch stream)."""
 
@@ -1088,9 +1391,17 @@ class Handlers:
         self.cluster = cluster
         self.address = "127.0.0.1"
         self.log_requests = log_requests
+        self.rbac = RBAC(cluster)
+        # (user, verb, group, resource[/subresource] or path, namespace, allowed) -> times asked
+        self.decisions: Counter[tuple[str, str, str, str, str, bool]] = Counter()
+        self._decisions_lock = threading.Lock()
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
+            # The filters before any handler, in the apiserver's order: authentication, then authorization.
+            request[USER] = user = self._authenticate(request)
+            if user is not None:
+                self.check(user, request_attributes(request.method, request.path, request.query))
             response = await self._route(request)
         except ApiError as error:
             response = _json(error.body(), error.code)
@@ -1102,6 +1413,88 @@ class Handlers:
         if self.log_requests:
             print(f"{request.method} {request.path_qs} -> {response.status}", flush=True)
         return response
+
+    # -- authentication, authorization, admission --------------------------------------------------
+
+    def _authenticate(self, request: web.Request) -> User | None:
+        """None for a request without credentials (full access); the token's ServiceAccount; 401 for a
+        token that is not (or no longer) valid."""
+        header = request.headers.get("Authorization", "")
+        if not header:
+            return None
+        scheme, _, token = header.partition(" ")
+        user = self.cluster.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        return user
+
+    def check(self, user: User, attrs: Attributes, denied: Any = None) -> None:
+        """Ask the authorizer; raise `denied(reason)` (by default the authorizer's 403) unless allowed."""
+        allowed, reason = self.rbac.authorize(user, attrs)
+        what = attrs.combined_resource if attrs.resource_request else attrs.path
+        key = (user.name, attrs.verb, attrs.group, what, attrs.namespace, allowed)
+        with self._decisions_lock:
+            self.decisions[key] += 1
+        if not allowed:
+            raise denied(reason) if denied else denial(user, attrs, reason)
+
+    def _admit_owners(
+        self, user: User | None, res: Resource, namespace: str | None, old: dict | None, new: dict
+    ) -> None:
+        """The OwnerReferencesPermissionEnforcement admission plugin
+        (https://kubernetes.io/docs/reference/access-authn-authz/admission-controllers/#ownerreferencespermissionenforcement):
+        changing an object's ownerReferences needs `delete` on it (a new object may set them), and an owner
+        reference with blockOwnerDeletion needs `update` on the owner's finalizers subresource."""
+        refs_before = ((old or {}).get("metadata") or {}).get("ownerReferences") or []
+        refs = (new.get("metadata") or {}).get("ownerReferences") or []
+        if user is None or refs == refs_before:
+            return
+        name, namespace = (new.get("metadata") or {}).get("name", ""), namespace or ""
+        version = (new.get("apiVersion") or res.api_version()).rpartition("/")[2]
+
+        def refused(message: str) -> Any:
+            return lambda reason: _forbidden(res.group, res.plural, name, f"{message}: {reason}, <nil>")
+
+        if old is not None:
+            attrs = Attributes(
+                "delete", "", True, res.group, version, res.plural, namespace=namespace, name=name
+            )
+            self.check(user, attrs, refused("cannot set an ownerRef on a resource you can't delete"))
+        for ref in _blocking_refs(new, old):
+            group, _, ref_version = (ref.get("apiVersion") or "").rpartition("/")
+            owner = next(
+                (
+                    r
+                    for r in self.cluster.resources()
+                    if r.kind == ref.get("kind") and r.group == group and ref_version in r.versions
+                ),
+                None,
+            )
+            if owner is None:
+                missing = f'no matches for kind "{ref.get("kind")}" in version "{ref.get("apiVersion")}"'
+                raise _forbidden(
+                    res.group,
+                    res.plural,
+                    name,
+                    "cannot set blockOwnerDeletion in this case because cannot find RESTMapping for "
+                    f"APIVersion {ref.get('apiVersion')} Kind {ref.get('kind')}: {missing}",
+                )
+            attrs = Attributes(
+                "update",
+                "",
+                True,
+                group,
+                ref_version,
+                owner.plural,
+                "finalizers",
+                namespace,
+                ref.get("name", ""),
+            )
+            message = (
+                "cannot set blockOwnerDeletion if an ownerReference refers to a resource you can't set "
+                "finalizers on"
+            )
+            self.check(user, attrs, refused(message))
 
     # -- discovery ---------------------------------------------------------------------------------
 
@@ -1213,7 +1606,7 @@ class Handlers:
             raise _unknown_path()
         if not rest:
             return _json(self._resource_list(group, version))
-        watch = request.query.get("watch", "").lower() in ("true", "1")
+        watch = _query_flag(request.query, "watch")
         if rest[0] == "watch":  # the deprecated /watch/ prefix
             watch, rest = True, rest[1:]
         namespace = None
@@ -1294,14 +1687,21 @@ class Handlers:
                 rv = obj["metadata"]["resourceVersion"]
                 return _json(self._table(res, version, [obj], rv, query.get("includeObject", "Metadata")))
             return _json(obj)
+        user = request.get(USER)
+        if method == "POST" and res.key == ("", "serviceaccounts") and name is not None and sub == "token":
+            return _json(self._token_request(namespace or "", name), 201)
         if method == "POST" and name is None:
             body = await self._body(request)
             self._check_kind(res, body)
+            self._admit_owners(user, res, namespace, None, body)
             obj = self.cluster.create(res, namespace, body, dry_run, strict)
             return _json(self._out(res, version, obj), 201)
         if method == "PUT" and name is not None:
             body = await self._body(request)
             self._check_kind(res, body)
+            if user is not None:
+                new = self.cluster.replace(res, namespace, name, body, sub, True, strict)
+                self._admit_owners(user, res, namespace, self.cluster.get(res, namespace, name), new)
             return _json(
                 self._out(
                     res, version, self.cluster.replace(res, namespace, name, body, sub, dry_run, strict)
@@ -1313,6 +1713,10 @@ class Handlers:
             if patch_type is None:
                 raise ApiError(415, "UnsupportedMediaType", f"unsupported patch type {content_type!r}")
             body = await self._body(request)
+            if user is not None:  # admission sees the patched object: patch without storing, first
+                new, created = self.cluster.patch(res, namespace, name, patch_type, body, sub, True, strict)
+                old = None if created else self.cluster.get(res, namespace, name)
+                self._admit_owners(user, res, namespace, old, new)
             obj, created = self.cluster.patch(res, namespace, name, patch_type, body, sub, dry_run, strict)
             return _json(self._out(res, version, obj), 201 if created else 200)
         if method == "DELETE":
@@ -1338,6 +1742,19 @@ class Handlers:
         raise ApiError(
             405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
         )
+
+    def _token_request(self, namespace: str, name: str) -> dict:
+        """The TokenRequest API, what `kubectl create token` calls
+        (https://kubernetes.io/docs/reference/kubernetes-api/authentication-resources/token-request-v1/)."""
+        token = self.cluster.issue_token(namespace, name)
+        expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+        return {
+            "kind": "TokenRequest",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": name, "namespace": namespace, "creationTimestamp": None},
+            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600},
+            "status": {"token": token, "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+        }
 
     @staticmethod
     def _check_kind(res: Resource, body: Any) -> None:
@@ -1556,13 +1973,17 @@ class FakeApiServer:
 
     # -- conveniences for tests --------------------------------------------------------------------
 
-    def write_kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
-        """A kubeconfig whose current context is this server (plain HTTP, no credentials)."""
+    def write_kubeconfig(
+        self, path: str | Path, namespace: str = "default", token: str | None = None
+    ) -> Path:
+        """A kubeconfig whose current context is this server (plain HTTP); without a `token`, no credentials
+        (full access), with one, that token's ServiceAccount (under RBAC) for the python client and kopf.
+        kubectl sends no credentials over plain HTTP (client-go reads them for TLS only): it stays admin."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {}}],
+            "users": [{"name": "fake", "user": {"token": token} if token else {}}],
             "contexts": [
                 {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}
             ],
@@ -1572,6 +1993,23 @@ class FakeApiServer:
         path = Path(path)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
+
+    def token(self, namespace: str, service_account: str) -> str:
+        """A bearer token for an existing ServiceAccount (what `kubectl create token` asks for)."""
+        return self.cluster.issue_token(namespace, service_account)
+
+    def decisions(self, user: str) -> dict[tuple[str, str, str, str], tuple[int, int]]:
+        """What the authorizer was asked for `user` (a name such as system:serviceaccount:NS:SA), by
+        (verb, API group, resource[/subresource] or the path of a non-resource request, namespace): (times
+        allowed, times denied)."""
+        with self._handlers._decisions_lock:
+            asked = list(self._handlers.decisions.items())
+        out: dict[tuple[str, str, str, str], tuple[int, int]] = {}
+        for (name, verb, group, resource, namespace, allowed), count in asked:
+            if name == user:
+                yes, no = out.get((verb, group, resource, namespace), (0, 0))
+                out[(verb, group, resource, namespace)] = (yes + count, no) if allowed else (yes, no + count)
+        return out
 
     def apply(self, obj: dict) -> dict:
         """Create `obj`, or replace the object of that name (a CRD becomes served at once)."""

@@ -4,6 +4,7 @@ and kopf. Each test would fail against a server that skipped the behaviour it na
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -17,7 +18,13 @@ import yaml
 
 from tests.helpers import DATA
 from tests.kube import crdschema
-from tests.kube.apiserver import FakeApiServer, human_duration, jsonpath, parse_label_selector
+from tests.kube.apiserver import (
+    FakeApiServer,
+    human_duration,
+    jsonpath,
+    parse_label_selector,
+    request_attributes,
+)
 
 kubernetes = pytest.importorskip("kubernetes")
 
@@ -441,6 +448,255 @@ def test_kopf_operator_handles_create_and_delete(
         log.close()
     text = (tmp_path / "kopf.log").read_text()
     assert "Traceback" not in text, text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Authentication, RBAC and owner-reference admission
+
+ROBOT = "system:serviceaccount:team:robot"
+
+
+@pytest.fixture()
+def rbac_server(tmp_path):
+    """A server of its own (cluster-wide bindings would leak into the shared one), with namespaces `team`
+    and `other` and a ServiceAccount team/robot; yields (server, an admin's kubeconfig, tmp_path)."""
+    with FakeApiServer() as server:
+        for name in ("team", "other"):
+            server.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        server.apply(
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "robot", "namespace": "team"}}
+        )
+        admin = server.write_kubeconfig(tmp_path / "admin", namespace="team")
+        yield server, admin, tmp_path
+
+
+def robot_kubeconfig(server, tmp_path, admin) -> str:
+    """The robot's kubeconfig, its token from `kubectl create token`. For the python client: kubectl sends
+    no credentials to a plain-HTTP server (client-go reads them only for TLS), so kubectl stays admin."""
+    token = subprocess.run(
+        ["kubectl", "create", "token", "robot", "-n", "team"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": str(admin)},
+    ).stdout.strip()
+    return str(server.write_kubeconfig(tmp_path / "robot", namespace="team", token=token))
+
+
+def grant(server, kind: str, name: str, rules: list[dict], namespace: str | None = None) -> None:
+    """A Role or ClusterRole `name` and a binding of it to the robot (a RoleBinding in `namespace`, else a
+    ClusterRoleBinding)."""
+    meta = {"name": name, **({"namespace": namespace} if kind == "Role" else {})}
+    server.apply(
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "rules": rules}
+    )
+    server.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding" if namespace else "ClusterRoleBinding",
+            "metadata": {"name": name, **({"namespace": namespace} if namespace else {})},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": "team"}],
+        }
+    )
+
+
+def status_of(call) -> tuple[int, dict]:
+    try:
+        call()
+    except kubernetes.client.ApiException as error:
+        return error.status, json.loads(error.body)
+    return 200, {}
+
+
+def test_request_attributes_as_the_apiserver_derives_them():
+    def attrs(method, path, **query):
+        a = request_attributes(method, path, query)
+        return (
+            (a.verb, a.group, a.combined_resource, a.namespace, a.name)
+            if a.resource_request
+            else (a.verb, a.path)
+        )
+
+    assert attrs("GET", "/api/v1/namespaces/ns/pods") == ("list", "", "pods", "ns", "")
+    assert attrs("GET", "/api/v1/namespaces/ns/pods", watch="true") == ("watch", "", "pods", "ns", "")
+    assert attrs("GET", "/api/v1/namespaces/ns/pods", watch="false") == ("list", "", "pods", "ns", "")
+    assert attrs("GET", "/api/v1/watch/namespaces/ns/pods") == ("watch", "", "pods", "ns", "")
+    assert attrs("GET", "/api/v1/pods", fieldSelector="metadata.name=p") == ("list", "", "pods", "", "p")
+    assert attrs("GET", "/api/v1/namespaces/ns/pods/p/log") == ("get", "", "pods/log", "ns", "p")
+    assert attrs("PATCH", "/apis/ttt.dev/v1alpha1/namespaces/ns/tttjobs/j/status") == (
+        "patch", "ttt.dev", "tttjobs/status", "ns", "j"
+    )  # fmt: skip
+    assert attrs("PUT", "/apis/ttt.dev/v1alpha1/namespaces/ns/tttjobs/j") == (
+        "update",
+        "ttt.dev",
+        "tttjobs",
+        "ns",
+        "j",
+    )
+    assert attrs("DELETE", "/api/v1/namespaces/ns/configmaps") == (
+        "deletecollection",
+        "",
+        "configmaps",
+        "ns",
+        "",
+    )
+    assert attrs("POST", "/api/v1/namespaces/ns/serviceaccounts/sa/token") == (
+        "create", "", "serviceaccounts/token", "ns", "sa"
+    )  # fmt: skip
+    # The Namespace object is in its own namespace (a RoleBinding there can grant reading it).
+    assert attrs("GET", "/api/v1/namespaces/ns") == ("get", "", "namespaces", "ns", "ns")
+    assert attrs("PUT", "/api/v1/namespaces/ns/finalize") == ("update", "", "namespaces/finalize", "ns", "ns")
+    assert attrs("GET", "/api/v1/namespaces") == ("list", "", "namespaces", "", "")
+    for path in ("/version", "/api", "/api/v1", "/apis/ray.io", "/apis/ray.io/v1", "/openapi/v3"):
+        assert attrs("GET", path) == ("get", path)
+
+
+def test_a_service_account_gets_what_its_roles_grant_and_403_otherwise(rbac_server):
+    server, admin, tmp_path = rbac_server
+    robot = kubernetes.config.new_client_from_config(robot_kubeconfig(server, tmp_path, admin))
+    core = kubernetes.client.CoreV1Api(robot)
+    code, body = status_of(lambda: core.list_namespaced_config_map("team"))
+    assert (code, body["reason"], body["message"]) == (
+        403,
+        "Forbidden",
+        'configmaps is forbidden: User "system:serviceaccount:team:robot" cannot list resource "configmaps" '
+        'in API group "" in the namespace "team"',
+    )
+    assert kubernetes.client.VersionApi(robot).get_code()  # discovery is open to every authenticated user
+    assert kubernetes.client.CoreApi(robot).get_api_versions()
+    rules = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}]
+    grant(server, "Role", "reader", rules, "team")
+    assert status_of(lambda: core.list_namespaced_config_map("team"))[0] == 200
+    assert (
+        'in the namespace "other"'
+        in status_of(lambda: core.list_namespaced_config_map("other"))[1]["message"]
+    )
+    _, body = status_of(lambda: core.create_namespaced_config_map("team", {"metadata": {"name": "x"}}))
+    assert 'cannot create resource "configmaps"' in body["message"]
+    _, body = status_of(core.list_config_map_for_all_namespaces)
+    assert body["message"].endswith('cannot list resource "configmaps" in API group "" at the cluster scope')
+    # A ClusterRole bound by a RoleBinding grants in that namespace; by a ClusterRoleBinding, everywhere.
+    rules = [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}]
+    grant(server, "ClusterRole", "secrets", rules, "other")
+    assert status_of(lambda: core.list_namespaced_secret("other"))[0] == 200
+    assert status_of(lambda: core.list_namespaced_secret("team"))[0] == 403
+    grant(server, "ClusterRole", "all-pods", [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}])
+    assert status_of(core.list_pod_for_all_namespaces)[0] == 200
+    assert server.decisions(ROBOT)[("list", "", "configmaps", "other")] == (0, 1)
+
+
+def test_rules_match_subresources_names_and_wildcards(rbac_server, tmp_path):
+    server, admin, _ = rbac_server
+    core = kubernetes.client.CoreV1Api(
+        kubernetes.config.new_client_from_config(robot_kubeconfig(server, tmp_path, admin))
+    )
+    server.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mine", "namespace": "team"}})
+    server.apply(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "theirs", "namespace": "team"}}
+    )
+    rules = [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "list"],
+            "resourceNames": ["mine"],
+        },
+        {"apiGroups": ["*"], "resources": ["*/status"], "verbs": ["get"]},
+    ]
+    grant(server, "Role", "narrow", rules, "team")
+    assert status_of(lambda: core.read_namespaced_config_map("mine", "team"))[0] == 200
+    code, body = status_of(lambda: core.read_namespaced_config_map("theirs", "team"))
+    assert (code, body["reason"]) == (403, "Forbidden")
+    assert body["message"].startswith('configmaps "theirs" is forbidden: User')
+    assert body["details"] == {"name": "theirs", "kind": "configmaps"}
+    # resourceNames grant no list of all (it has no name), only one of that name.
+    assert status_of(lambda: core.list_namespaced_config_map("team"))[0] == 403
+    assert (
+        status_of(lambda: core.list_namespaced_config_map("team", field_selector="metadata.name=mine"))[0]
+        == 200
+    )
+    server.load_crd(WIDGET_CRD)
+    server.apply(yaml.safe_load(widget("w", "team")))
+    custom = kubernetes.client.CustomObjectsApi(core.api_client)
+    widgets = ("example.dev", "v1alpha1", "team", "widgets", "w")
+    assert status_of(lambda: custom.get_namespaced_custom_object_status(*widgets))[0] == 200  # */status
+    assert status_of(lambda: custom.get_namespaced_custom_object(*widgets))[0] == 403
+    assert status_of(lambda: core.read_namespace("team"))[0] == 403
+
+
+def test_tokens_are_bound_to_their_service_account(rbac_server, tmp_path):
+    server, admin, _ = rbac_server
+    robot = robot_kubeconfig(server, tmp_path, admin)
+    version = kubernetes.client.VersionApi(kubernetes.config.new_client_from_config(robot))
+    assert version.get_code().git_version.startswith("v1.")
+    forged = kubernetes.client.VersionApi(
+        kubernetes.config.new_client_from_config(
+            str(server.write_kubeconfig(tmp_path / "forged", token="forged"))
+        )
+    )
+    code, body = status_of(forged.get_code)
+    assert (code, body["reason"], body["message"]) == (401, "Unauthorized", "Unauthorized")
+    server.cluster.delete(server.cluster.find("serviceaccounts"), "team", "robot")
+    server.apply(
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "robot", "namespace": "team"}}
+    )
+    assert status_of(version.get_code)[0] == 401  # the account of the same name is another one
+
+
+def test_a_binding_to_a_missing_role_is_named_in_the_denial(rbac_server, tmp_path):
+    server, admin, _ = rbac_server
+    core = kubernetes.client.CoreV1Api(
+        kubernetes.config.new_client_from_config(robot_kubeconfig(server, tmp_path, admin))
+    )
+    grant(server, "Role", "ghost", [], "team")
+    server.cluster.delete(server.cluster.find("roles"), "team", "ghost")
+    _, body = status_of(lambda: core.list_namespaced_config_map("team"))
+    assert body["message"].endswith(': RBAC: role.rbac.authorization.k8s.io "ghost" not found')
+
+
+def test_owner_references_need_delete_and_blocking_ones_the_owners_finalizers(rbac_server, tmp_path):
+    """OwnerReferencesPermissionEnforcement, the admission plugin behind the chart's finalizers rule."""
+    server, admin, _ = rbac_server
+    core = kubernetes.client.CoreV1Api(
+        kubernetes.config.new_client_from_config(robot_kubeconfig(server, tmp_path, admin))
+    )
+    owner = server.apply(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner", "namespace": "team"}}
+    )
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+    grant(
+        server,
+        "Role",
+        "writer",
+        [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]}],
+        "team",
+    )
+
+    def child(name: str, **extra) -> dict:
+        return {"metadata": {"name": name, "ownerReferences": [{**ref, **extra}]}}
+
+    def create(name: str, **extra) -> tuple[int, dict]:
+        return status_of(lambda: core.create_namespaced_config_map("team", child(name, **extra)))
+
+    assert create("free")[0] == 200
+    code, body = create("held", blockOwnerDeletion=True)
+    assert (code, body["message"]) == (
+        403,
+        'configmaps "held" is forbidden: cannot set blockOwnerDeletion if an ownerReference refers to a '
+        "resource you can't set finalizers on: , <nil>",
+    )
+    assert server.decisions(ROBOT)[("update", "", "configmaps/finalizers", "team")] == (0, 1)
+    # Changing the references of an existing object needs delete on it.
+    code, body = status_of(
+        lambda: core.patch_namespaced_config_map("free", "team", {"metadata": {"ownerReferences": None}})
+    )
+    assert code == 403 and "cannot set an ownerRef on a resource you can't delete" in body["message"]
+    assert status_of(lambda: core.patch_namespaced_config_map("free", "team", {"data": {"a": "b"}}))[0] == 200
+    rules = [{"apiGroups": [""], "resources": ["configmaps/finalizers"], "verbs": ["update"]}]
+    grant(server, "Role", "finalizers", rules, "team")
+    assert create("held", blockOwnerDeletion=True)[0] == 200
 
 
 # ---------------------------------------------------------------------------------------------------
