@@ -40,6 +40,8 @@ OPERATOR_CONTRACT = [
     "TTT_S3_SECRET",
     "TTT_IMAGE_PULL_SECRETS",
     "TTT_RAYJOB_TTL_SECONDS",
+    "TTT_RETRY_BACKOFF_SECONDS",
+    "TTT_RETRY_BACKOFF_CAP_SECONDS",
     "TTT_RAY_VERSION",
     "TTT_LOG_LEVEL",
 ]
@@ -241,6 +243,8 @@ def test_operator_env_with_defaults(default_objects: list[dict[str, Any]]) -> No
         "TTT_S3_SECRET": "",
         "TTT_IMAGE_PULL_SECRETS": "",
         "TTT_RAYJOB_TTL_SECONDS": "3600",
+        "TTT_RETRY_BACKOFF_SECONDS": "10",
+        "TTT_RETRY_BACKOFF_CAP_SECONDS": "360",
         "TTT_RAY_VERSION": "2.60.0",
         "TTT_LOG_LEVEL": "INFO",
     }
@@ -259,6 +263,8 @@ def test_operator_env_with_external_values(external_objects: list[dict[str, Any]
         "TTT_S3_SECRET": "ttt-s3",
         "TTT_IMAGE_PULL_SECRETS": "",
         "TTT_RAYJOB_TTL_SECONDS": "3600",
+        "TTT_RETRY_BACKOFF_SECONDS": "10",
+        "TTT_RETRY_BACKOFF_CAP_SECONDS": "360",
         "TTT_RAY_VERSION": "2.60.0",
         "TTT_LOG_LEVEL": "DEBUG",
     }
@@ -339,23 +345,9 @@ def test_operator_pod_hardening(default_objects: list[dict[str, Any]]) -> None:
 
 # ---------- RBAC ----------
 
-OPERATOR_RULES = {
-    *(("ttt.dev", "tttjobs", verb) for verb in ("get", "list", "watch", "create", "patch", "update")),
-    *(("ttt.dev", "tttsweeps", verb) for verb in ("get", "list", "watch", "patch", "update")),
-    *(
-        ("ttt.dev", f"{kind}/status", verb)
-        for kind in ("tttjobs", "tttsweeps")
-        for verb in ("get", "patch", "update")
-    ),
-    *(("ttt.dev", f"{kind}/finalizers", "update") for kind in ("tttjobs", "tttsweeps")),
-    *(("ray.io", "rayjobs", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
-    *(("", "configmaps", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")),
-    *((group, "events", verb) for group in ("", "events.k8s.io") for verb in ("create", "patch")),
-}
-DISCOVERY_RULES = {
-    *(("", "namespaces", verb) for verb in ("get", "list", "watch")),
-    *(("apiextensions.k8s.io", "customresourcedefinitions", verb) for verb in ("get", "list", "watch")),
-}
+# The exact rules are what the operator's code calls: tests/kube/test_rbac.py derives them from the code and
+# compares them with the rendered chart both ways; here, the shape every rendering must have.
+READ = {"get", "list", "watch"}
 
 
 @pytest.mark.parametrize("objects_fixture", ["default_objects", "external_objects"])
@@ -364,20 +356,37 @@ def test_rbac_is_least_privilege(objects_fixture: str, request: pytest.FixtureRe
     roles = find(objects, "ClusterRole") + find(objects, "Role")
     assert roles
     for role in roles:
+        name = f"{role['kind']} {role['metadata']['name']}"
+        # No wildcards, no resourceNames or nonResourceURLs: each rule names groups, resources and verbs.
+        assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"]), name
         for group, resource, verb in rules_of(role):
-            assert "*" not in (group, resource, verb), (
-                f"wildcard in {role['kind']} {role['metadata']['name']}"
-            )
-            assert resource.split("/")[0] not in {"secrets", "pods"}, (
-                f"{resource} in {role['metadata']['name']}"
-            )
-        assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])
+            assert "*" not in (group, resource, verb), f"wildcard in {name}"
+            assert resource.split("/")[0] != "secrets", f"{resource} in {name}"
+            if resource.split("/")[0] == "pods":  # read only: why an attempt is stuck; no exec, no logs
+                assert resource == "pods" and verb in READ, f"{verb} {resource} in {name}"
     discovery = the(objects, "ClusterRole", f"{FULLNAME}-operator-discovery")
-    assert rules_of(discovery) == DISCOVERY_RULES
+    # Only what a Role cannot grant, read only: cluster-scoped resources.
+    assert {(group, resource) for group, resource, _ in rules_of(discovery)} <= {
+        ("", "namespaces"),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+    }
+    assert {verb for _, _, verb in rules_of(discovery)} <= READ
+
+
+def test_rbac_grants_the_same_work_cluster_wide_or_per_namespace(
+    default_objects: list[dict[str, Any]], external_objects: list[dict[str, Any]]
+) -> None:
+    cluster_wide = rules_of(the(default_objects, "ClusterRole", f"{FULLNAME}-operator"))
+    assert cluster_wide
+    assert all(rules_of(role) == cluster_wide for role in find(external_objects, "Role"))
+    # kopf lists and watches namespaces only when it serves some of them, not all.
+    discovery = f"{FULLNAME}-operator-discovery"
+    assert ("", "namespaces", "watch") not in rules_of(the(default_objects, "ClusterRole", discovery))
+    assert ("", "namespaces", "watch") in rules_of(the(external_objects, "ClusterRole", discovery))
 
 
 def test_rbac_cluster_wide_without_watch_namespaces(default_objects: list[dict[str, Any]]) -> None:
-    assert rules_of(the(default_objects, "ClusterRole", f"{FULLNAME}-operator")) == OPERATOR_RULES
+    assert find(default_objects, "ClusterRole", f"{FULLNAME}-operator")
     for name in (f"{FULLNAME}-operator", f"{FULLNAME}-operator-discovery"):
         binding = the(default_objects, "ClusterRoleBinding", name)
         assert binding["roleRef"] == {
@@ -401,7 +410,6 @@ def test_rbac_role_per_watched_namespace(external_objects: list[dict[str, Any]])
     }
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for namespace, role in roles.items():
-        assert rules_of(role) == OPERATOR_RULES
         binding = bindings[namespace]
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
