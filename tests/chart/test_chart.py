@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,11 +20,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "ttt-platform"
+from tests.chart.helm import CHART, KUBE_VERSIONS, NAMESPACE, RELEASE, Helm
+
 EXTERNAL_VALUES = CHART / "ci" / "external-values.yaml"
-RELEASE, NAMESPACE = "demo", "ttt"
 FULLNAME = f"{RELEASE}-ttt-platform"
-KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 BUILTIN_GROUPS = {"", "apps", "rbac.authorization.k8s.io", "apiextensions.k8s.io", "policy", "batch"}
 
 OPERATOR_CONTRACT = [
@@ -45,62 +42,6 @@ OPERATOR_CONTRACT = [
     "TTT_RAY_VERSION",
     "TTT_LOG_LEVEL",
 ]
-
-
-@dataclass
-class Helm:
-    binary: Path
-    env: dict[str, str]
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.binary), *args], env=self.env, capture_output=True, text=True, timeout=60, check=False
-        )
-
-    def render(self, *value_args: str, crds: bool = False) -> list[dict[str, Any]]:
-        """`helm template` → the rendered objects; fails the test with helm's message if rendering fails."""
-        extra = ["--include-crds"] if crds else []
-        result = self.run(
-            "template",
-            RELEASE,
-            str(CHART),
-            "-n",
-            NAMESPACE,
-            "--kube-version",
-            KUBE_VERSIONS[0],
-            *extra,
-            *value_args,
-        )
-        assert result.returncode == 0, f"helm template {' '.join(value_args)} failed:\n{result.stderr}"
-        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-    def template_error(self, values: dict[str, Any], tmp_path: Path, *args: str) -> str:
-        """Render with a values file that must be rejected; return helm's message."""
-        values_file = tmp_path / "values.yaml"
-        values_file.write_text(yaml.safe_dump(values))
-        result = self.run("template", RELEASE, str(CHART), "-f", str(values_file), *args)
-        assert result.returncode != 0, f"helm template accepted {values}"
-        return result.stderr
-
-
-@pytest.fixture(scope="session")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    binary = Path(sys.executable).parent / "helm"
-    if not binary.is_file():
-        pytest.fail(
-            f"no helm next to {sys.executable}: run `make install` "
-            "(or `infra/install-helm.sh .venv` in a venv installed before the script existed)"
-        )
-    home = tmp_path_factory.mktemp("helm-home")
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-        # Nothing here may reach a cluster.
-        "KUBECONFIG": str(home / "no-kubeconfig"),
-    }
-    return Helm(binary, env)
 
 
 @pytest.fixture(scope="session")

@@ -32,66 +32,18 @@ import kubernetes_validate
 import pytest
 import yaml
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "ttt-platform"
+from tests.chart.helm import CHART, KUBE_VERSIONS, RELEASE, Helm
+
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 POSTGRES_VALUES = CHART / "ci" / "postgres-values.yaml"
 AUTH_VALUES = CHART / "ci" / "auth-values.yaml"
-RELEASE, NAMESPACE = "demo", "ttt"
 MLFLOW = f"{RELEASE}-ttt-platform-mlflow"
-KUBE_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 VENV_BIN = Path(sys.executable).parent
 # An MLflow schema many migrations old: MLflow's own initial tables and migrations up to the first trace
 # tables, which is what a release of that time created.
 OLD_REVISION = "867495a8f9d4"
 OLD_RUN = "0123456789abcdef0123456789abcdef"
 SQLITE_WARNING = "SQLite takes one writer at a time"
-
-
-# ---------- helm ----------
-
-
-@dataclass
-class Helm:
-    binary: Path
-    env: dict[str, str]
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.binary), *args], env=self.env, capture_output=True, text=True, timeout=60, check=False
-        )
-
-    def render(self, *value_args: str) -> list[dict[str, Any]]:
-        result = self.run(
-            "template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", KUBE_VERSIONS[0], *value_args
-        )
-        assert result.returncode == 0, f"helm template {' '.join(value_args)} failed:\n{result.stderr}"
-        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-    def error(self, *value_args: str) -> str:
-        result = self.run("template", RELEASE, str(CHART), "-n", NAMESPACE, *value_args)
-        assert result.returncode != 0, f"helm template {' '.join(value_args)} was accepted"
-        return result.stderr
-
-    def notes(self, *value_args: str) -> str:
-        result = self.run("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", *value_args)
-        assert result.returncode == 0, result.stderr
-        return result.stdout.split("NOTES:", 1)[1]
-
-
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    binary = VENV_BIN / "helm"
-    if not binary.is_file():
-        pytest.fail(f"no helm next to {sys.executable}: run `make install`")
-    home = tmp_path_factory.mktemp("helm-home")
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-        "KUBECONFIG": str(home / "no-kubeconfig"),
-    }
-    return Helm(binary, env)
 
 
 def the(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -550,6 +502,7 @@ def test_rendered_basic_auth_server_needs_credentials(
     helm: Helm, tmp_path: Path, servers: list[Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flask_wtf  # noqa: F401  (basic-auth needs mlflow's `auth` extra, in the dev extra: fail, never skip)
+
     objects = helm.render("-f", str(AUTH_VALUES))
     pod = mlflow_pod(objects)
     volume, config_dir = tmp_path / "volume", tmp_path / "auth-config"
