@@ -19,7 +19,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         from ttt.model.counting import flops_per_token, param_counts
 
         params = param_counts(job.model)
-        flops = flops_per_token(job.model, job.train.seq_len, job.ttt.enabled, job.ttt.checkpoint)
+        flops = flops_per_token(job.model, job.train.seq_len, job.ttt.enabled, job.ttt.recompute)
         counts = {
             "params": {
                 "total": params.total,

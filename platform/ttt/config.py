@@ -130,11 +130,44 @@ class TTTConfig:
     inner_clip: float = Field(
         1.0, ge=0, description="Per-sequence global-norm clip of the inner gradient; 0 = off."
     )
-    checkpoint: bool = Field(
-        True,
-        description="Activation checkpointing: recompute each inner-loop mini-batch and each prefix block "
-        "in the backward pass (memory: the carry per mini-batch and one tensor per block).",
+    recompute: Literal["none", "selective", "full"] = Field(
+        "selective",
+        description="Activation recomputation in the backward pass, per inner mini-batch step and per prefix "
+        "block: 'none' keeps every activation (fastest, memory grows with T·layers); 'full' keeps only the "
+        "carry (fast weights, KV caches) per mini-batch and one tensor per block, and reruns the rest; "
+        "'selective' reruns the same regions but keeps the outputs of matmuls and fused attention, so only "
+        "the cheap ops (norms, RoPE, SiLU, softmax, cross-entropy) are redone. The legacy key "
+        "ttt.checkpoint is read as true = full, false = none.",
     )
+
+
+LEGACY_KEYS = {"ttt.checkpoint": "ttt.recompute"}
+"""Renamed fields still read (old run directories, checkpoints and overrides): old key → new key."""
+
+
+def _legacy_value(key: str, value: Any) -> Any:
+    if key == "ttt.checkpoint":
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r} (renamed: use ttt.recompute)")
+        return "full" if value else "none"
+    return value
+
+
+def _migrate(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`data` with legacy keys replaced by their new ones (a conflicting pair is an error)."""
+    for old, new in LEGACY_KEYS.items():
+        section, old_leaf = old.split(".")
+        fields = data.get(section)
+        if not isinstance(fields, Mapping) or old_leaf not in fields:
+            continue
+        fields = dict(fields)
+        value = _legacy_value(old, fields.pop(old_leaf))
+        new_leaf = new.split(".")[1]
+        if new_leaf in fields and fields[new_leaf] != value:
+            raise ConfigError(old, f"is the old name of {new}, which is set to {fields[new_leaf]!r}: drop it")
+        fields[new_leaf] = value
+        data = {**data, section: fields}
+    return data
 
 
 @dataclass(config=_SECTION, frozen=True)
@@ -332,11 +365,15 @@ class JobConfig:
                 f"{self.train.global_batch_size} sequences do not split evenly over "
                 f"{self.scale.workers} workers x {micro} micro-batches",
             )
-        if self.scale.effective_zero_stage == 3 and self.scale.uses_deepspeed and not self.ttt.checkpoint:
+        if (
+            self.scale.effective_zero_stage == 3
+            and self.scale.uses_deepspeed
+            and self.ttt.recompute == "none"
+        ):
             raise ConfigError(
-                "ttt.checkpoint",
-                "ZeRO-3 needs per-mini-batch checkpointing "
-                "(the recomputation gathers the sharded weights again)",
+                "ttt.recompute",
+                "ZeRO-3 needs recomputation (selective or full): the recomputed forward gathers the sharded "
+                "weights again, where a kept activation graph would hold them freed",
             )
         if self.optim.warmup_steps >= self.train.total_steps:
             raise ConfigError(
@@ -352,6 +389,7 @@ class JobConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
         """Construct from plain data; every failure is a ConfigError naming the field."""
+        data = _migrate(data)
         _check_keys(cls, data, "")
         try:
             return cls(**data)
@@ -463,6 +501,9 @@ def apply_overrides(cfg: JobConfig, overrides: Iterable[str]) -> JobConfig:
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
+        if key in LEGACY_KEYS and sep:
+            raw = str(_legacy_value(key, yaml.safe_load(raw) if raw.strip() else raw))
+            key = LEGACY_KEYS[key]
         if not sep or not key:
             # Named by what was typed; an empty item has nothing to name but itself as an override.
             raise ConfigError(item.strip() or "override", "an override must look like section.field=value")

@@ -113,3 +113,21 @@ def test_unknown_yaml_key_and_bad_files(tmp_path):
         c.load(tmp_path / "missing.yaml")
     with pytest.raises(c.ConfigError, match="did you mean '125m'"):
         c.resolve("125n")
+
+
+def test_recompute_policies_and_the_legacy_checkpoint_key():
+    preset, JobConfig, ConfigError = c.preset, c.JobConfig, c.ConfigError
+    assert preset("tiny").with_overrides(["ttt.recompute=selective"]).ttt.recompute == "selective"
+    assert preset("tiny").with_overrides(["ttt.checkpoint=true"]).ttt.recompute == "full"
+    assert preset("tiny").with_overrides(["ttt.checkpoint=false"]).ttt.recompute == "none"
+    data = preset("tiny").to_dict()
+    assert "checkpoint" not in data["ttt"]
+    del data["ttt"]["recompute"]
+    data["ttt"]["checkpoint"] = False  # a config dumped before the rename (run directories, checkpoints)
+    assert JobConfig.from_dict(data).ttt.recompute == "none"
+    with pytest.raises(ConfigError, match=r"ttt\.recompute"):
+        preset("tiny").with_overrides(["ttt.recompute=some"])
+    with pytest.raises(ConfigError, match=r"old name of ttt\.recompute"):
+        JobConfig.from_dict({**data, "ttt": {**data["ttt"], "recompute": "full"}})
+    with pytest.raises(ConfigError, match="expected true or false"):
+        preset("tiny").with_overrides(["ttt.checkpoint=full"])

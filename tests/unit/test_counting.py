@@ -49,7 +49,7 @@ def test_mean_keys_per_query_matches_brute_force(length, window):
 
 def test_flops_relations():
     e2e, fa = preset("125m"), preset("125m-fa")
-    f_fa = flops_per_token(fa.model, 8192, ttt_enabled=False, checkpoint=False)
+    f_fa = flops_per_token(fa.model, 8192, ttt_enabled=False, recompute="none")
     # Without attention, forward FLOPs are 2 per matmul weight (embedding lookup is free, tied head is not).
     matmul_weights = param_counts(fa.model).total - 2 * 64 * 12 - 4 * 768 * 12 - 768
     attention = 12 * 4 * 768 * mean_keys_per_query(8192, None)
@@ -57,5 +57,5 @@ def test_flops_relations():
     assert f_fa.train == 3 * f_fa.forward == f_fa.train_with_recompute
     f_e2e = flops_per_token(e2e.model, 8192, ttt_enabled=True)
     assert f_e2e.train > 5 * f_e2e.forward and f_e2e.train_with_recompute > f_e2e.train
-    no_ttt = flops_per_token(e2e.model, 8192, ttt_enabled=False, checkpoint=False)
+    no_ttt = flops_per_token(e2e.model, 8192, ttt_enabled=False, recompute="none")
     assert no_ttt.forward == f_e2e.forward and no_ttt.train == 3 * no_ttt.forward

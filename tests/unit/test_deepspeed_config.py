@@ -37,7 +37,8 @@ def test_default_stage_with_several_workers_is_two():
         (["scale.workers=0"], "scale.workers"),
         (["storage.root=gs://bucket/runs"], "storage.root"),
         (["storage.root=s3://"], "storage.root"),
-        (["scale.zero_stage=3", "ttt.checkpoint=false"], "ttt.checkpoint"),
+        (["scale.zero_stage=3", "ttt.recompute=none"], "ttt.recompute"),
+        (["scale.zero_stage=3", "ttt.checkpoint=false"], "ttt.recompute"),  # the legacy key
     ],
 )
 def test_bad_scale_and_storage_are_config_errors(overrides, field):

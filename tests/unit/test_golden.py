@@ -68,18 +68,26 @@ def _grad_errors(model, golden, job) -> tuple[float, float]:
     return worst("grad/"), worst("grad_first_order/")
 
 
-def test_second_order_matches_grad_not_first_order(golden, golden_job, golden_model, golden_tokens):
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_second_order_matches_grad_not_first_order(
+    golden, golden_job, golden_model, golden_tokens, recompute
+):
     job, step = golden_job
-    out = sequence_loss(golden_model, *golden_tokens, job.ttt, step=step)
+    ttt = dataclasses.replace(job.ttt, recompute=recompute)
+    out = sequence_loss(golden_model, *golden_tokens, ttt, step=step)
     out.loss.backward()
     to_second, to_first = _grad_errors(golden_model, golden, job)
     assert to_second < 1e-4
     assert to_first > 0.5
 
 
-def test_first_order_variant_matches_grad_first_order(golden, golden_job, golden_model, golden_tokens):
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_first_order_variant_matches_grad_first_order(
+    golden, golden_job, golden_model, golden_tokens, recompute
+):
     job, step = golden_job
-    out = sequence_loss(golden_model, *golden_tokens, job.ttt, step=step, first_order=True)
+    ttt = dataclasses.replace(job.ttt, recompute=recompute)
+    out = sequence_loss(golden_model, *golden_tokens, ttt, step=step, first_order=True)
     out.loss.backward()
     to_second, to_first = _grad_errors(golden_model, golden, job)
     assert to_first < 1e-4

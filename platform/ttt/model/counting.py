@@ -59,7 +59,9 @@ class FlopCounts:
     """`train` plus the forward work redone by activation checkpointing (hardware FLOPs)."""
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, ttt_enabled: bool, checkpoint: bool = True) -> FlopCounts:
+def flops_per_token(cfg: ModelConfig, seq_len: int, ttt_enabled: bool, recompute: str = "full") -> FlopCounts:
+    """`recompute` is `ttt.recompute`: 'full' redoes the forward matmuls of every recomputed region;
+    'selective' keeps them (it redoes only elementwise ops, which these counts leave out) and 'none'."""
     d, i = cfg.hidden_size, cfg.intermediate_size
     keys = mean_keys_per_query(seq_len, cfg.effective_window)
     block = 2 * (4 * d * d + 3 * d * i) + 4 * d * keys  # projections + MLP + QKᵀ and PV
@@ -68,11 +70,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, ttt_enabled: bool, checkpoin
     prefix = (cfg.num_layers - cfg.suffix_len) * block
     suffix = cfg.suffix_len * (block + prime) + head  # what runs inside the inner loop
     forward = prefix + suffix
+    redo = recompute == "full"
     if not (ttt_enabled and cfg.suffix_len):
-        # Plain training: backward ≈ 2× forward; checkpointing redoes one forward.
-        return FlopCounts(forward, 3 * forward, 3 * forward + (forward if checkpoint else 0))
+        # Plain training: backward ≈ 2× forward; full recomputation redoes one forward.
+        return FlopCounts(forward, 3 * forward, 3 * forward + (forward if redo else 0))
     # Meta step: prefix forward + backward (3×). In the inner loop each mini-batch costs forward + inner
     # backward (1 + 2 = 3 units), and the outer backward differentiates both (2 × 3 = 6 units): 9×.
-    # Per-mini-batch checkpointing recomputes the 3 units of the inner step.
+    # Full recomputation redoes the prefix forward and the 3 units of each inner step, once.
     train = 3 * prefix + 9 * suffix
-    return FlopCounts(forward, train, train + (3 * suffix if checkpoint else 0))
+    return FlopCounts(forward, train, train + (prefix + 3 * suffix if redo else 0))

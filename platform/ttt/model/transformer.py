@@ -15,11 +15,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ttt.config import ModelConfig
 from ttt.model.attention import Attention, KVCache
 from ttt.model.layers import RMSNorm, RotaryTable, SwiGLU, swiglu
+from ttt.model.recompute import Recompute, checkpoint_block
 
 
 class PrimeWeights(NamedTuple):
@@ -124,17 +124,14 @@ class Transformer(nn.Module):
         """Final norm and the tied output projection: logits [.., V]."""
         return F.linear(self.final_norm(h), self.embed.weight)
 
-    def _run_blocks(self, h: torch.Tensor, blocks: Sequence[Block], recompute: bool) -> torch.Tensor:
+    def _run_blocks(self, h: torch.Tensor, blocks: Sequence[Block], recompute: Recompute) -> torch.Tensor:
+        # 'full' keeps only each block's input and redoes the block in the backward pass; 'selective' also
+        # keeps its matmul and attention outputs (ttt.model.recompute).
         for block in blocks:
-            if recompute:  # keep only each block's input; redo the block in the backward pass
-                h = checkpoint(
-                    block, h, self.rope, self.window, use_reentrant=False, preserve_rng_state=False
-                )
-            else:
-                h = block(h, self.rope, self.window)
+            h = checkpoint_block(block, h, self.rope, self.window, recompute=recompute)
         return h
 
-    def run_prefix(self, tokens: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    def run_prefix(self, tokens: torch.Tensor, recompute: Recompute = "none") -> torch.Tensor:
         """Embedding and the L−S prefix blocks, once over the whole sequence: [B, T] → [B, T, D]."""
         return self._run_blocks(self.embed_tokens(tokens), self.prefix_layers, recompute)
 
@@ -155,9 +152,9 @@ class Transformer(nn.Module):
 
     # -- whole-sequence evaluation without test-time training --------------------------------------
 
-    def forward(self, tokens: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, recompute: Recompute = "none") -> torch.Tensor:
         """Logits [B, T, V] with every block over the whole sequence and the prime MLPs static.
-        `recompute`: per-block activation checkpointing."""
+        `recompute`: per-block activation recomputation, 'none', 'selective' or 'full'."""
         return self.head(self._run_blocks(self.embed_tokens(tokens), self.layers, recompute))
 
     def forward_chunked(self, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:

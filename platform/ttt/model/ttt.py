@@ -11,10 +11,10 @@ For a batch of sequences (each with its own fast weights):
         F_{i+1} = F_i − η_in · min(1, c/‖g_i‖) · g_i          ← one global norm per sequence over S blocks
     loss = mean over sequences of mean_i ℓ_i                   ← its gradient flows through every F_i
 
-With `ttt.checkpoint` (default) each mini-batch iteration is wrapped in non-reentrant activation
-checkpointing, so the backward pass keeps only the carry (fast weights, KV caches) per mini-batch and
-recomputes the rest, double backward included; prefix blocks are checkpointed one by one, as in the
-reference.
+With `ttt.recompute` = full or selective each mini-batch iteration is recomputed in the outer backward pass
+(ttt.model.recompute), double backward included, so that the backward keeps only the carry (fast weights,
+KV caches) per mini-batch; `selective` also keeps the outputs of matmuls and attention. Prefix blocks are
+recomputed one by one, as in the reference.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ttt.config import TTTConfig
 from ttt.model.attention import KVCache
+from ttt.model.recompute import checkpoint_inner_step
 from ttt.model.transformer import PrimeWeights, Transformer
 
 
@@ -131,7 +131,7 @@ def sequence_loss(
         raise ValueError(f"sequence length {inputs.shape[1]} is not divisible by mini_batch_size {chunk}")
     if loss_mask is None:
         loss_mask = targets != model.config.bos_token_id
-    recompute = ttt.checkpoint and torch.is_grad_enabled()
+    recompute = ttt.recompute if torch.is_grad_enabled() else "none"
     if ttt.enabled and model.config.suffix_len > 0:
         return _meta_loss(
             model, inputs, targets, loss_mask, ttt, inner_lr_at(ttt, step), first_order, record_trajectory
@@ -158,7 +158,7 @@ def _meta_loss(
     outer = torch.is_grad_enabled()
     batch, length = inputs.shape
     size = ttt.mini_batch_size
-    recompute = ttt.checkpoint and outer
+    recompute = ttt.recompute if outer else "none"
     h = model.run_prefix(inputs, recompute)  # prefix: once, fused attention, first-order only
 
     # Per-sequence fast weights F_0 = the meta-learned Parameters, expanded (not copied) so that the outer
@@ -177,10 +177,7 @@ def _meta_loss(
         for i in range(length // size):
             part = slice(i * size, (i + 1) * size)
             args = (h[:, part], targets[:, part], loss_mask[:, part], fast, caches)
-            if recompute:
-                out = checkpoint(step_fn, *args, use_reentrant=False, preserve_rng_state=False)
-            else:
-                out = step_fn(*args)
+            out = checkpoint_inner_step(step_fn, *args, recompute=recompute)
             fast, caches, loss_i, nll_i, norm_i = out
             if not outer:  # cut the graph after each mini-batch: memory stays constant in T
                 fast, caches = _detached(fast), [KVCache(c.keys.detach(), c.values.detach()) for c in caches]
@@ -207,7 +204,7 @@ def _detached(fast: list[PrimeWeights]) -> list[PrimeWeights]:
 class _InnerStep:
     """One mini-batch: suffix forward with F_i, loss before update, clipped SGD step to F_{i+1}.
 
-    A callable object rather than a closure so that `checkpoint` can recompute it in the backward pass.
+    A callable object rather than a closure so that it can be recomputed in the backward pass.
     """
 
     def __init__(self, model: Transformer, lr: float, clip: float, outer: bool, second_order: bool):

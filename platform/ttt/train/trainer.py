@@ -320,7 +320,7 @@ class Trainer:
         job, cfg, tracker = self.job, self.job.train, self.tracker
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
         micro = train.local_batch // cfg.grad_accum_steps
-        flops = flops_per_token(job.model, cfg.seq_len, job.ttt.enabled, job.ttt.checkpoint).train
+        flops = flops_per_token(job.model, cfg.seq_len, job.ttt.enabled, job.ttt.recompute).train
         peak = peak_flops(device, cfg.peak_tflops)
         progress = _Progress(cfg.total_steps, state.step, self.progress)
         while state.step < cfg.total_steps:

@@ -1,0 +1,67 @@
+"""`ttt.recompute`: what each policy recomputes, and that nothing runs twice in the forward pass."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ttt.model.ttt as ttt_loop
+from tests.helpers import random_batch, random_model, small_job
+from ttt.model.ttt import sequence_loss
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(recompute: str, enabled: bool = True) -> Counter[str]:
+    job = small_job(24)
+    model = random_model(job)
+    cfg = dataclasses.replace(job.ttt, recompute=recompute, enabled=enabled)
+    out = sequence_loss(model, *random_batch(job), cfg)
+    with _OpCounter() as counter:
+        out.loss.backward()
+    return counter.counts
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_selective_recomputes_no_matmul_and_full_recomputes_them(enabled):
+    none, selective, full = (_backward_ops(p, enabled) for p in ("none", "selective", "full"))
+    matmuls = ("mm", "bmm", "addmm")
+    assert all(selective[op] == none[op] for op in matmuls)
+    assert sum(full[op] for op in matmuls) > sum(none[op] for op in matmuls)
+    assert selective["mul"] > none["mul"]  # the cheap ops are recomputed
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_each_inner_step_runs_once_in_the_forward_and_once_more_in_the_backward(monkeypatch, recompute):
+    calls = []
+    real = ttt_loop._InnerStep.__call__
+    monkeypatch.setattr(ttt_loop._InnerStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    job = small_job(24)
+    out = sequence_loss(
+        random_model(job), *random_batch(job), dataclasses.replace(job.ttt, recompute=recompute)
+    )
+    chunks = job.train.seq_len // job.ttt.mini_batch_size
+    assert len(calls) == chunks
+    out.loss.backward()
+    assert len(calls) == chunks * (1 if recompute == "none" else 2)
+
+
+def test_evaluation_never_recomputes(monkeypatch):
+    job = small_job(24)
+    with torch.no_grad():
+        out = sequence_loss(
+            random_model(job), *random_batch(job), dataclasses.replace(job.ttt, recompute="full")
+        )
+    assert out.loss.grad_fn is None
