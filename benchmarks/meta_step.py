@@ -2,8 +2,8 @@
 
 Two modes, each measurement in a fresh process (a clean allocator and high-water mark):
 
-1. T-sweep (default): for each context length T (at a fixed mini-batch b), with and without per-mini-batch
-   checkpointing. With checkpointing only the carry (fast weights and KV caches) is kept per mini-batch, so
+1. T-sweep (default): for each context length T (at a fixed mini-batch b), with `ttt.recompute=full` and
+   `none`. With full recomputation only the carry (fast weights and KV caches) is kept per mini-batch, so
    memory should grow about linearly in T with a small slope; without it, every mini-batch's
    double-backward graph is kept.
 2. `--compare-full`: for each shape T:b:W (train.seq_len, ttt.mini_batch_size, model.window_size), the
@@ -11,6 +11,11 @@ Two modes, each measurement in a fresh process (a clean allocator and high-water
    and batch, under the config's precision (train.precision auto: bf16 autocast on CUDA, fp32 on CPU):
    time, tokens/s, MFU, peak memory and the meta / full-attention time ratio. Forward + backward only: no
    optimizer update, which costs the same for both models and is not what this compares.
+
+3. `--policies`: the three `ttt.recompute` policies (none, selective, full) on one config, in one process,
+   interleaved: R rounds of K steps of each policy, the order alternating every round; per round the ratios
+   selective / none and full / none (paired, so that the machine's drift cancels), reported as median and
+   IQR, plus the median s/step and each policy's peak memory.
 
 Each measurement runs a warm-up step, then:
   * peak memory: the rise during one step over what is held before it (weights; gradients freed). On CPU
@@ -21,6 +26,7 @@ Each measurement runs a warm-up step, then:
 
     python benchmarks/meta_step.py                    # tiny preset, T = 256..2048, prints a table
     python benchmarks/meta_step.py --write benchmarks/RESULTS.md
+    python benchmarks/meta_step.py --policies --preset tiny --lengths 256 --batch 8 --rounds 10 --block 3
     python benchmarks/meta_step.py --compare-full --preset 125m --shapes 8192:1024:8192 32768:1024:8192 \\
         --batch 1 --device cuda [--set model.chunk_kernel=materialized] [--write benchmarks/RESULTS.md]
 No Ray, DeepSpeed or MLflow needed (runs on a bare GPU box too).
@@ -117,18 +123,18 @@ def _warm_peak_time(model, step: Callable[[], None], device: str, repeats: int) 
     return _peak_bytes(model, step, device), _median_seconds(step, repeats)
 
 
-# -- mode 1: meta step against T, with and without checkpointing -----------------------------------------
+# -- mode 1: meta step against T, with full recomputation and without -----------------------------------
 
 
-def measure(preset: str, seq_len: int, batch: int, checkpoint: bool, repeats: int, device: str) -> dict:
+def measure(preset: str, seq_len: int, batch: int, recompute: str, repeats: int, device: str) -> dict:
     from ttt.config import preset as get_preset
 
-    job = get_preset(preset).with_overrides([f"train.seq_len={seq_len}", f"ttt.checkpoint={checkpoint}"])
+    job = get_preset(preset).with_overrides([f"train.seq_len={seq_len}", f"ttt.recompute={recompute}"])
     model, inputs, targets = _build(job, batch, device)
     peak, seconds = _warm_peak_time(model, _step_fn(model, inputs, targets, job, device), device, repeats)
     return {
         "seq_len": seq_len,
-        "checkpoint": checkpoint,
+        "recompute": recompute,
         "seconds": seconds,
         "peak_bytes": peak,
         "mini_batch": job.ttt.mini_batch_size,
@@ -183,7 +189,7 @@ def measure_compare(args: argparse.Namespace, kind: str, shape: str) -> dict:
     peak, seconds = _warm_peak_time(model, step, args.device, args.repeats)
     tokens_per_s = args.batch * job.train.seq_len / seconds
     # Model FLOPs (no recomputation), the MFU convention; the meta step's count includes its inner loop.
-    flops = flops_per_token(job.model, job.train.seq_len, job.ttt.enabled, job.ttt.checkpoint).train
+    flops = flops_per_token(job.model, job.train.seq_len, job.ttt.enabled, job.ttt.recompute).train
     peak_rate = peak_flops(device, args.peak_tflops)
     return {
         "kind": kind,
@@ -191,7 +197,7 @@ def measure_compare(args: argparse.Namespace, kind: str, shape: str) -> dict:
         "seq_len": job.train.seq_len,
         "mini_batch": job.ttt.mini_batch_size,
         "window": job.model.window_size,
-        "checkpoint": job.ttt.checkpoint,
+        "recompute": job.ttt.recompute,
         "seconds": seconds,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops,
@@ -200,6 +206,90 @@ def measure_compare(args: argparse.Namespace, kind: str, shape: str) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         **_kernels(job, device, autocast),
     }
+
+
+# -- mode 3: the recompute policies, interleaved ---------------------------------------------------------
+
+POLICIES = ("none", "selective", "full")
+
+
+def measure_policies(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ttt.config import preset as get_preset
+
+    seq_len = args.lengths[0]
+    steps, peaks = {}, {}
+    for policy in POLICIES:
+        job = get_preset(args.preset).with_overrides([f"train.seq_len={seq_len}", f"ttt.recompute={policy}"])
+        job = job.with_overrides(args.set)
+        model, inputs, targets = _build(job, args.batch, args.device)
+        steps[policy] = _step_fn(model, inputs, targets, job, args.device)
+        steps[policy]()  # warm-up
+        peaks[policy] = _peak_bytes(model, steps[policy], args.device)
+    seconds: dict[str, list[float]] = {p: [] for p in POLICIES}
+    for round_ in range(args.rounds):
+        order = POLICIES if round_ % 2 == 0 else POLICIES[::-1]
+        for policy in order:
+            start = time.perf_counter()
+            for _ in range(args.block):
+                steps[policy]()
+            seconds[policy].append((time.perf_counter() - start) / args.block)
+    return {
+        "preset": args.preset,
+        "seq_len": seq_len,
+        "mini_batch": job.ttt.mini_batch_size,
+        "window": job.model.window_size,
+        "seconds": seconds,
+        "peak_bytes": peaks,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def render_policies(row: dict, args: argparse.Namespace) -> str:
+    sets = " ".join(f"`--set {item}`" for item in args.set) or "none"
+    none = row["seconds"]["none"]
+    lines = [
+        f"# Recompute policies: `{row['preset']}` preset, T={row['seq_len']}, b={row['mini_batch']}, "
+        f"W={row['window']}, batch {args.batch}",
+        "",
+        f"Measured with `python benchmarks/meta_step.py --policies --preset {row['preset']} --lengths "
+        f"{row['seq_len']} --batch {args.batch} --rounds {args.rounds} --block {args.block}` on "
+        f"{_machine(args)}; overrides: {sets}. {args.rounds} interleaved rounds of {args.block} steps per "
+        "policy (order alternating); time / none is the median [IQR] of the per-round paired ratios; peak = "
+        "the memory rise during one step over the weights.",
+        "",
+        "| ttt.recompute | s/step (median) | time / none | peak (MiB) | memory / none |",
+        "|---|---|---|---|---|",
+    ]
+    for policy in POLICIES:
+        times = row["seconds"][policy]
+        ratios = [t / n for t, n in zip(times, none, strict=True)]
+        q1, med, q3 = _quartiles(ratios)
+        peak = row["peak_bytes"][policy]
+        lines.append(
+            f"| {policy} | {statistics.median(times):.3f} | **{med:.2f}** [{q1:.2f}–{q3:.2f}] "
+            f"| {peak / 2**20:,.1f} | {peak / row['peak_bytes']['none']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_policies(args: argparse.Namespace) -> None:
+    extra = ["--rounds", str(args.rounds), "--block", str(args.block), "--lengths", str(args.lengths[0])]
+    row = _spawn(args, ["--policies-worker", *extra])
+    table = render_policies(row, args)
+    print(table)
+    if args.write:
+        key = f"policies_{row['preset']}_{row['seq_len']}"
+        heading = (
+            f"Recompute policies, {row['preset']} T={row['seq_len']} (`benchmarks/meta_step.py --policies`)"
+        )
+        write_block(args.write, key, table, heading)
 
 
 # -- driver: one fresh process per measurement ---------------------------------------------------------
@@ -224,10 +314,10 @@ def _spawn(args: argparse.Namespace, worker: list[str]) -> dict:
 def run_sweep(args: argparse.Namespace) -> None:
     rows = []
     for seq_len in args.lengths:
-        for checkpoint in (True, False):
-            rows.append(_spawn(args, ["--worker", f"{seq_len}:{int(checkpoint)}"]))
+        for recompute in ("full", "none"):
+            rows.append(_spawn(args, ["--worker", f"{seq_len}:{recompute}"]))
             print(
-                f"T={seq_len:5d} checkpoint={checkpoint!s:5s} {rows[-1]['seconds']:.3f} s  "
+                f"T={seq_len:5d} recompute={recompute:5s} {rows[-1]['seconds']:.3f} s  "
                 f"{rows[-1]['peak_bytes'] / 2**20:8.1f} MiB",
                 file=sys.stderr,
             )
@@ -273,7 +363,7 @@ def _machine(args: argparse.Namespace, device_name: str | None = None) -> str:
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
-    by = {(r["seq_len"], r["checkpoint"]): r for r in rows}
+    by = {(r["seq_len"], r["recompute"]): r for r in rows}
     first = args.lengths[0]
     r0 = rows[0]
     lines = [
@@ -283,17 +373,17 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         f"Measured with `python benchmarks/meta_step.py` on {_machine(args)}; "
         "time is the median of the measured steps, memory the peak rise during one step.",
         "",
-        "| T | mini-batches | time, ckpt (s) | time, no ckpt (s) | time ratio | peak, ckpt (MiB) "
-        f"| peak, no ckpt (MiB) | memory ratio | ckpt peak / peak at T={first} |",
+        "| T | mini-batches | time, full (s) | time, none (s) | time ratio | peak, full (MiB) "
+        f"| peak, none (MiB) | memory ratio | full peak / peak at T={first} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in args.lengths:
-        on, off = by[(t, True)], by[(t, False)]
+        on, off = by[(t, "full")], by[(t, "none")]
         lines.append(
             f"| {t} | {t // on['mini_batch']} | {on['seconds']:.3f} | {off['seconds']:.3f} "
             f"| {on['seconds'] / off['seconds']:.2f} | {on['peak_bytes'] / 2**20:.1f} "
             f"| {off['peak_bytes'] / 2**20:.1f} | {on['peak_bytes'] / off['peak_bytes']:.2f} "
-            f"| {on['peak_bytes'] / by[(first, True)]['peak_bytes']:.2f} |"
+            f"| {on['peak_bytes'] / by[(first, 'full')]['peak_bytes']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -321,7 +411,7 @@ def render_compare(rows: list[dict], args: argparse.Namespace) -> str:
     )
     lines = [
         f"# Meta step vs full-attention train step: `{r0['preset']}` / `{r0['preset']}-fa`, "
-        f"batch {args.batch}, {r0['precision']}, ttt.checkpoint={str(r0['checkpoint']).lower()}",
+        f"batch {args.batch}, {r0['precision']}, ttt.recompute={r0['recompute']}",
         "",
         "Measured with `python benchmarks/meta_step.py --compare-full` on "
         f"{_machine(args, r0['device_name'])}; "
@@ -363,6 +453,10 @@ def _parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override for both configs"
     )
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: looked up)")
+    parser.add_argument("--policies", action="store_true", help="none / selective / full, interleaved")
+    parser.add_argument("--rounds", type=int, default=8, help="--policies: interleaved rounds")
+    parser.add_argument("--block", type=int, default=3, help="--policies: steps per policy per round")
+    parser.add_argument("--policies-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--compare-worker", help=argparse.SUPPRESS)
     return parser
@@ -370,19 +464,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = _parser().parse_args()
-    if args.worker or args.compare_worker:  # one measurement in this fresh process
+    if args.worker or args.compare_worker or args.policies_worker:  # one measurement in this fresh process
         import torch
 
         torch.set_num_threads(args.threads)
-        if args.worker:
-            seq_len, checkpoint = args.worker.split(":")
-            row = measure(args.preset, int(seq_len), args.batch, checkpoint == "1", args.repeats, args.device)
+        if args.policies_worker:
+            row = measure_policies(args)
+        elif args.worker:
+            seq_len, recompute = args.worker.split(":")
+            row = measure(args.preset, int(seq_len), args.batch, recompute, args.repeats, args.device)
         else:
             kind, shape = args.compare_worker.split("@")
             row = measure_compare(args, kind, shape)
         print(json.dumps(row))
         return
-    if args.compare_full:
+    if args.policies:
+        run_policies(args)
+    elif args.compare_full:
         run_compare(args)
     else:
         run_sweep(args)

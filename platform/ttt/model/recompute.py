@@ -159,7 +159,10 @@ class _Frame:
                 f"recomputing an inner step saved {len(tensors)} tensors, its forward saved {self.count}: "
                 "the step must run the same ops both times (no data-dependent control flow or randomness)"
             )
-        self.recomputed = tensors
+        # Only the values are needed: detached, they do not keep the recomputed graph alive, and clearing
+        # the list breaks the cycle list → tensor → its node's saved tensor → unpack hook → list.
+        self.recomputed = [t.detach() for t in tensors]
+        tensors.clear()
         self.fn = self.args = None  # what the recomputation needed is no longer needed
 
 
