@@ -131,7 +131,7 @@ class TTTConfig:
         1.0, ge=0, description="Per-sequence global-norm clip of the inner gradient; 0 = off."
     )
     recompute: Literal["none", "selective", "full"] = Field(
-        "selective",
+        "full",
         description="Activation recomputation in the backward pass, per inner mini-batch step and per prefix "
         "block: 'none' keeps every activation (fastest, memory grows with T·layers); 'full' keeps only the "
         "carry (fast weights, KV caches) per mini-batch and one tensor per block, and reruns the rest; "
