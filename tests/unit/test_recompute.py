@@ -68,13 +68,23 @@ def test_evaluation_never_recomputes(monkeypatch):
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_a_finished_step_leaves_no_recomputation_state_alive(recompute):
+def test_a_finished_step_leaves_no_recomputation_state_alive(recompute, monkeypatch):
     # The recomputed tensors' graph refers back to the list that holds them: a cycle through autograd nodes
-    # that Python's GC cannot see, which once kept every step's graph alive (+230 MB per tiny step).
+    # that Python's GC cannot see, which once kept every step's graph alive (+230 MB per tiny step). Only
+    # this step's frames are watched: another test may still hold a graph (and so its frames) on purpose.
     import gc
+    import weakref
 
-    from ttt.model.recompute import _Frame
+    from ttt.model import recompute as module
 
+    frames: list[weakref.ref] = []
+    init = module._Frame.__init__
+
+    def watched(self, *args):
+        init(self, *args)
+        frames.append(weakref.ref(self))
+
+    monkeypatch.setattr(module._Frame, "__init__", watched)
     job = small_job(24)
     out = sequence_loss(
         random_model(job), *random_batch(job), dataclasses.replace(job.ttt, recompute=recompute)
@@ -82,4 +92,23 @@ def test_a_finished_step_leaves_no_recomputation_state_alive(recompute):
     out.loss.backward()
     del out
     gc.collect()
-    assert not [obj for obj in gc.get_objects() if isinstance(obj, _Frame)]
+    assert len(frames) == job.train.seq_len // job.ttt.mini_batch_size  # one per mini-batch
+    assert [ref for ref in frames if ref() is not None] == []
+
+
+def test_a_step_that_raises_lets_go_of_what_it_saved(monkeypatch):
+    # The live list refers to saved outputs, whose nodes refer back to the frame: after an exception the
+    # list must be gone, or the cycle outlives the step.
+    from ttt.model import recompute as module
+
+    frames = []
+    init = module._Frame.__init__
+    monkeypatch.setattr(module._Frame, "__init__", lambda self, *a: (init(self, *a), frames.append(self))[0])
+
+    def failing(t):
+        t.exp()  # saves its output
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        module.checkpoint_inner_step(failing, torch.randn(8, requires_grad=True), recompute="full")
+    assert len(frames) == 1 and frames[0].count == 1 and frames[0].live is None

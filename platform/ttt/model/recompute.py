@@ -73,14 +73,25 @@ def _no_contexts():
     return contextlib.nullcontext(), contextlib.nullcontext()
 
 
-def checkpoint_inner_step(fn: Callable[..., Any], *args: Any, recompute: Recompute) -> Any:
+def checkpoint_inner_step(
+    fn: Callable[..., Any], *args: Any, recompute: Recompute, partitioned: bool = False
+) -> Any:
     """`fn(*args)`, whose forward may differentiate its own graph, recomputed once in the outer backward.
 
-    `fn` must be deterministic (no dropout) and its inputs must not be modified in place afterwards: the
-    recomputation reruns it on the same input tensors and takes the tensors saved in the same order.
+    `partitioned`: the parameters are ZeRO-3 partitions (see `is_partitioned`); the region then falls back
+    to PyTorch's checkpoint, which recomputes everything (`selective` included) and once more in the
+    forward. `fn` must be deterministic (no dropout) and its inputs must not be modified in place
+    afterwards: the recomputation reruns it on the same input tensors and takes the tensors saved in the
+    same order.
     """
     if recompute == "none" or not torch.is_grad_enabled():
         return fn(*args)
+    if partitioned:
+        # ZeRO-3 gathers and releases parameters in module hooks and counts each module's pending
+        # backward passes; a rerun of the region inside the outer backward, as below, unbalances those
+        # counts and a parameter is released before its gradient arrives. PyTorch's checkpoint (which
+        # DeepSpeed's hooks are written against) works there, at the cost of a third run of the region.
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     record, replay = _sac_contexts() if recompute == "selective" else _no_contexts()
     frame = _Frame(fn, args, replay, _autocast_state())
     with contextlib.ExitStack() as stack:
@@ -88,9 +99,18 @@ def checkpoint_inner_step(fn: Callable[..., Any], *args: Any, recompute: Recompu
             stack.enter_context(torch.autocast(**kwargs))
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack))
         stack.enter_context(record)
-        out = fn(*args)
-    frame.live = None  # the forward is done: from here on a saved tensor is recomputed when needed
+        try:
+            out = fn(*args)
+        finally:
+            # The forward is done: from here on a saved tensor is recomputed when needed. (Also when it
+            # raised: the live list refers to outputs whose nodes refer back to this frame.)
+            frame.live = None
     return out
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned the module's parameters (it tags each with a `ds_id`)."""
+    return any(hasattr(param, "ds_id") for param in module.parameters())
 
 
 def _autocast_state() -> list[dict[str, Any]]:
@@ -166,4 +186,11 @@ class _Frame:
         self.fn = self.args = None  # what the recomputation needed is no longer needed
 
 
-__all__ = ["SAVED_OPS", "Recompute", "checkpoint_block", "checkpoint_inner_step", "save_matmuls"]
+__all__ = [
+    "SAVED_OPS",
+    "Recompute",
+    "checkpoint_block",
+    "checkpoint_inner_step",
+    "is_partitioned",
+    "save_matmuls",
+]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ttt.config import TTTConfig
 from ttt.model.attention import KVCache
-from ttt.model.recompute import checkpoint_inner_step
+from ttt.model.recompute import checkpoint_inner_step, is_partitioned
 from ttt.model.transformer import PrimeWeights, Transformer
 
 
@@ -172,12 +172,13 @@ def _meta_loss(
     caches: list[KVCache | None] = [None] * model.config.suffix_len
     step_fn = _InnerStep(model, inner_lr, ttt.inner_clip, outer=outer, second_order=outer and not first_order)
 
+    partitioned = recompute != "none" and is_partitioned(model)
     losses, nlls, norms, trajectory = [], [], [], []
     with torch.enable_grad():  # the inner gradient needs autograd even when evaluating
         for i in range(length // size):
             part = slice(i * size, (i + 1) * size)
             args = (h[:, part], targets[:, part], loss_mask[:, part], fast, caches)
-            out = checkpoint_inner_step(step_fn, *args, recompute=recompute)
+            out = checkpoint_inner_step(step_fn, *args, recompute=recompute, partitioned=partitioned)
             fast, caches, loss_i, nll_i, norm_i = out
             if not outer:  # cut the graph after each mini-batch: memory stays constant in T
                 fast, caches = _detached(fast), [KVCache(c.keys.detach(), c.values.detach()) for c in caches]
