@@ -54,7 +54,12 @@ def test_sigterm_at_a_random_step_keeps_that_step_and_the_resumed_run_is_exact(t
     assert "Traceback" not in err and "stopped on request" in out
     report = progress(tmp_path / "stopped")
     stopped_at = report["step"]
-    assert report["state"] == "preempted" and stopped_at in (seen, seen + 1), where  # the step in flight
+    # The run finishes the step in flight when the signal came, or the next one when the signal came after
+    # that step's stop check (its all-reduce). From outside, the signal can come a few steps after the test
+    # read `seen` (a loaded machine), so the trainer's own record is the reference.
+    during = report["stop_requested_during_step"]
+    assert report["state"] == "preempted" and stopped_at - during in (1, 2), where
+    assert during >= seen - 1 and stopped_at >= seen, where  # not before the test asked
     assert Checkpointer(open_storage(str(tmp_path / "stopped")), 3).index() == {stopped_at: "pt"}, where
     assert report["last_checkpoint"]["step"] == stopped_at and report["stop_seconds"] < 5
 

@@ -41,13 +41,18 @@ class StopRequest:
         self._event = threading.Event()
         self.reason: str | None = None
         self.since: float | None = None
+        self.step = 0
+        """The step in flight (its index); the trainer keeps it current."""
+        self.during: int | None = None
+        """The step in flight when the request came. The run stops after it, or after the next one when
+        the request missed that step's agreement point (the stop flag joins the step's all-reduce)."""
         folder = os.environ.get(STOP_DIR_ENV)
         self._file = Path(folder) / STOP_FILE if folder else None
         self._watcher: threading.Event | None = None
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
-            self.reason, self.since = reason, time.monotonic()
+            self.reason, self.since, self.during = reason, time.monotonic(), self.step
             self._event.set()
 
     def requested(self) -> bool:

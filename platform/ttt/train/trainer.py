@@ -269,6 +269,7 @@ class Trainer:
         took = stop.elapsed()
         message = f"stopped after step {state.step} ({stop.reason}) in {took:.1f} s; checkpoint: {last}"
         self.report.data["stop_seconds"] = round(took, 2)
+        self.report.data["stop_requested_during_step"] = stop.during
         self._finish_report("preempted", message)
         if self.progress:
             warn(f"ttt: {message}")
@@ -325,6 +326,7 @@ class Trainer:
         progress = _Progress(cfg.total_steps, state.step, self.progress)
         while state.step < cfg.total_steps:
             step, began = state.step, time.perf_counter()
+            stop.step = step
             if cfg.fail_at_step == step:
                 self._inject_failure(step)
             loss = 0.0
