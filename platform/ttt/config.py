@@ -139,6 +139,19 @@ class TTTConfig:
         "the cheap ops (norms, RoPE, SiLU, softmax, cross-entropy) are redone. The legacy key "
         "ttt.checkpoint is read as true = full, false = none.",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the prefix and each inner step (the inner gradient is traced with "
+        "torch.func, so the compiled graph is differentiated once). Needs ttt.recompute none or "
+        "selective; with selective, AOTAutograd's partitioner recomputes what it can (activation memory "
+        "budget 0). The first steps pay the compile (tens of seconds on CPU); evaluation stays eager.",
+    )
+    compile_backend: Literal["inductor", "aot_eager_decomp_partition"] = Field(
+        "inductor",
+        description="torch.compile backend for ttt.compile. 'aot_eager_decomp_partition' traces, decomposes "
+        "and partitions the same graphs as inductor but runs them eagerly (no code generation): seconds "
+        "to compile instead of minutes, for bisecting a suspected miscompile and for the numerics tests.",
+    )
 
 
 LEGACY_KEYS = {"ttt.checkpoint": "ttt.recompute"}
@@ -374,6 +387,18 @@ class JobConfig:
                 "ttt.recompute",
                 "ZeRO-3 needs recomputation (selective or full): the recomputed forward gathers the sharded "
                 "weights again, where a kept activation graph would hold them freed",
+            )
+        if self.ttt.compile and self.ttt.recompute == "full":
+            raise ConfigError(
+                "ttt.compile",
+                "needs ttt.recompute none or selective: full recomputation reruns the inner step under "
+                "saved-tensor hooks, which torch.func (the compiled inner gradient) refuses",
+            )
+        if self.ttt.compile and self.scale.uses_deepspeed and self.scale.effective_zero_stage == 3:
+            raise ConfigError(
+                "ttt.compile",
+                "is not supported with ZeRO-3: its parameters are gathered by module hooks that a compiled "
+                "inner step would not run",
             )
         if self.optim.warmup_steps >= self.train.total_steps:
             raise ConfigError(

@@ -19,6 +19,8 @@ recomputed one by one, as in the reference.
 
 from __future__ import annotations
 
+import functools
+import types
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +161,17 @@ def _meta_loss(
     batch, length = inputs.shape
     size = ttt.mini_batch_size
     recompute = ttt.recompute if outer else "none"
-    h = model.run_prefix(inputs, recompute)  # prefix: once, fused attention, first-order only
+    # Compiled only for training (evaluation and the first-order diagnostic stay eager).
+    compiled = ttt.compile and outer and not first_order
+    if compiled:
+        if is_partitioned(model):
+            raise ValueError("ttt.compile is not supported with ZeRO-3 partitioned parameters")
+        # Grow the RoPE table here, eagerly: filled inside a trace, its cache would fail the graph's guards
+        # on the next step and recompile (the suffix asks for at most W + b positions).
+        model.rope(max(length, model.config.window_size + size), inputs.device, model.embed.weight.dtype)
+        h = compiled_call(_compiled_prefix, ttt.compile_backend, _BUDGETS[recompute], model, inputs)
+    else:
+        h = model.run_prefix(inputs, recompute)  # prefix: once, fused attention, first-order only
 
     # Per-sequence fast weights F_0 = the meta-learned Parameters, expanded (not copied) so that the outer
     # gradient of every later F_i reaches them. Without an outer pass they are fresh leaves instead.
@@ -171,15 +183,39 @@ def _meta_loss(
         fast = _detached(fast)
     caches: list[KVCache | None] = [None] * model.config.suffix_len
     step_fn = _InnerStep(model, inner_lr, ttt.inner_clip, outer=outer, second_order=outer and not first_order)
+    if compiled:
+        lr = torch.tensor(inner_lr, dtype=fast[0].gate.dtype, device=inputs.device)  # a tensor: no recompile
+        budget = _BUDGETS[recompute]
 
-    partitioned = recompute != "none" and is_partitioned(model)
+        def run_step(h, targets, mask, fast, caches):
+            # Contiguous caches: a window trimmed from [cache, chunk] is a strided view whose strides change
+            # once the window is full, and each new stride would be one more compile.
+            caches = [c if c is None else KVCache(c.keys.contiguous(), c.values.contiguous()) for c in caches]
+            return compiled_call(
+                _compiled_inner_step,
+                ttt.compile_backend,
+                budget,
+                model,
+                lr,
+                ttt.inner_clip,
+                h,
+                targets,
+                mask,
+                fast,
+                caches,
+            )
+    else:
+        partitioned = recompute != "none" and is_partitioned(model)
+
+        def run_step(*args):
+            return checkpoint_inner_step(step_fn, *args, recompute=recompute, partitioned=partitioned)
+
     losses, nlls, norms, trajectory = [], [], [], []
     with torch.enable_grad():  # the inner gradient needs autograd even when evaluating
         for i in range(length // size):
             part = slice(i * size, (i + 1) * size)
             args = (h[:, part], targets[:, part], loss_mask[:, part], fast, caches)
-            out = checkpoint_inner_step(step_fn, *args, recompute=recompute, partitioned=partitioned)
-            fast, caches, loss_i, nll_i, norm_i = out
+            fast, caches, loss_i, nll_i, norm_i = run_step(*args)
             if not outer:  # cut the graph after each mini-batch: memory stays constant in T
                 fast, caches = _detached(fast), [KVCache(c.keys.detach(), c.values.detach()) for c in caches]
                 loss_i = loss_i.detach()
@@ -206,14 +242,26 @@ class _InnerStep:
     """One mini-batch: suffix forward with F_i, loss before update, clipped SGD step to F_{i+1}.
 
     A callable object rather than a closure so that it can be recomputed in the backward pass.
+    `functional`: take the inner gradient with torch.func.grad instead of torch.autograd.grad (the same
+    values); that form can be traced by torch.compile, which then writes the inner backward out as ordinary
+    ops that the outer backward differentiates once.
     """
 
-    def __init__(self, model: Transformer, lr: float, clip: float, outer: bool, second_order: bool):
+    def __init__(
+        self,
+        model: Transformer,
+        lr: float | torch.Tensor,
+        clip: float,
+        outer: bool,
+        second_order: bool,
+        functional: bool = False,
+    ):
         self.model = model
         self.lr = lr
         self.clip = clip
         self.outer = outer  # an outer backward follows: keep this chunk's graph
         self.second_order = second_order  # and differentiate through the inner gradient itself
+        self.functional = functional
 
     def __call__(
         self,
@@ -223,19 +271,19 @@ class _InnerStep:
         fast: list[PrimeWeights],
         caches: list[KVCache | None],
     ):
-        logits, new_caches = self.model.run_suffix_chunk(h, caches, fast)
-        nll = token_nll(logits, targets)
-        loss = masked_mean(nll, mask)  # [B]: ℓ_i per sequence, with the weights before this update
         flat = [w for weights in fast for w in weights]
-        # A sum over sequences: each sequence's loss depends only on its own slice of F, so this gives every
-        # sequence its own gradient (a batch mean would scale inner gradients by 1/B). Earlier caches and the
-        # prefix output are constants here because F_i is the tensor used in this chunk's forward.
-        grads = torch.autograd.grad(loss.sum(), flat, create_graph=self.second_order, retain_graph=self.outer)
-        if self.second_order and not all(g.requires_grad for g in grads):
-            raise RuntimeError(
-                "inner gradients came back detached, so the meta-gradient would silently be first order; "
-                "is the suffix compiled or run through a kernel without double backward?"
+        if self.functional:
+            grads, (loss, nll, new_caches) = torch.func.grad(self._loss, has_aux=True)(
+                flat, h, targets, mask, caches
             )
+        else:
+            total, (loss, nll, new_caches) = self._loss(flat, h, targets, mask, caches)
+            grads = torch.autograd.grad(total, flat, create_graph=self.second_order, retain_graph=self.outer)
+            if self.second_order and not all(g.requires_grad for g in grads):
+                raise RuntimeError(
+                    "inner gradients came back detached, so the meta-gradient would silently be first "
+                    "order; is the suffix compiled or run through a kernel without double backward?"
+                )
         sq_norm = sum(g.pow(2).sum(dim=tuple(range(1, g.dim()))) for g in grads)  # [B], over all S blocks
         if self.clip > 0:
             # min(1, c/‖g‖) written as c / sqrt(max(‖g‖², c²)): the same value and gradient as the
@@ -244,4 +292,47 @@ class _InnerStep:
             grads = [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
         updated = [w - self.lr * g for w, g in zip(flat, grads, strict=True)]
         new_fast = [PrimeWeights(*updated[k : k + 3]) for k in range(0, len(updated), 3)]
-        return new_fast, new_caches, loss, nll.detach(), sq_norm.detach().sqrt()
+        return new_fast, new_caches, loss, nll, sq_norm.detach().sqrt()
+
+    def _loss(self, flat, h, targets, mask, caches):
+        """Σ over sequences of ℓ_i (what the inner gradient differentiates), and what the step returns."""
+        fast = [PrimeWeights(*flat[k : k + 3]) for k in range(0, len(flat), 3)]
+        logits, new_caches = self.model.run_suffix_chunk(h, caches, fast)
+        nll = token_nll(logits, targets)
+        loss = masked_mean(nll, mask)  # [B]: ℓ_i per sequence, with the weights before this update
+        # A sum over sequences: each sequence's loss depends only on its own slice of F, so this gives every
+        # sequence its own gradient (a batch mean would scale inner gradients by 1/B). Earlier caches and the
+        # prefix output are constants here because F_i is the tensor used in this chunk's forward.
+        return loss.sum(), (loss, nll.detach(), new_caches)
+
+
+# -- ttt.compile: the prefix and the inner step under torch.compile ------------------------------------------
+
+_BUDGETS = {"none": 1.0, "selective": 0.0}
+"""AOTAutograd's activation memory budget per ttt.recompute: 1 keeps what runs fastest (its min-cut still
+recomputes cheap pointwise ops), 0 recomputes everything it can rebuild from the region's inputs."""
+
+
+def _compiled_prefix(model: Transformer, inputs: torch.Tensor) -> torch.Tensor:
+    return model.run_prefix(inputs, "none")  # recomputation is the partitioner's (the budget) here
+
+
+def _compiled_inner_step(model, lr, clip, h, targets, mask, fast, caches):
+    step = _InnerStep(model, lr, clip, outer=True, second_order=True, functional=True)
+    return step(h, targets, mask, fast, caches)
+
+
+def compiled_call(fn, backend: str, budget: float, *args):
+    """`fn(*args)` compiled, with AOTAutograd partitioning its forward and backward under `budget`."""
+    import torch._functorch.config as functorch_config  # private but the knob's only home; imported late
+
+    with functorch_config.patch(activation_memory_budget=budget):
+        return _compiled(fn, backend, budget)(*args)
+
+
+@functools.cache
+def _compiled(fn, backend: str, budget: float):
+    # Dynamo keeps compiled graphs on the function's code object and its guards see neither the backend nor
+    # the budget, so each pair gets its own copy of the code (else it would reuse another pair's graphs).
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+    return torch.compile(copy, backend=backend, dynamic=False)
