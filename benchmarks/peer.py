@@ -19,6 +19,8 @@ Workers, each a long-lived subprocess (pinned with `taskset -c 0,1` where taskse
   * P_none, P_full, P_selective  ours, recipe `tiny-cpu` with ttt.recompute=none|full|selective: the calls
             the trainer makes per step (autocast_for context, LocalEngine.micro_step, LocalEngine.apply).
   * P_fa    ours, preset `tiny-fa` (full attention, MLP width 425), same calls.
+  * P_compiled, P_compiled_selective  ours, `tiny-cpu` with ttt.compile=true (inductor), recompute none or
+            selective (AOTAutograd's activation memory budget 1 or 0).
 
 The workers start one at a time, so each one's import, build, compile and warm-up run alone (start-up cost).
 Then R rounds; in each every worker runs a block of K steps, the order reversed every other round (ABBA).
@@ -61,6 +63,8 @@ WORKERS = {
     "P_full": ("ours", "tiny-cpu ttt.recompute=full"),
     "P_selective": ("ours", "tiny-cpu ttt.recompute=selective"),
     "P_fa": ("ours", "tiny-fa"),
+    "P_compiled": ("ours", "tiny-cpu ttt.recompute=none ttt.compile=true"),
+    "P_compiled_selective": ("ours", "tiny-cpu ttt.recompute=selective ttt.compile=true"),
 }
 
 
@@ -332,6 +336,7 @@ def ours_worker(args: argparse.Namespace) -> None:
         "warmup_calls_s": warm,
         "loss_first": loss,
         "recompute": job.ttt.recompute,
+        "compile": job.ttt.compile,
         "ttt_enabled": job.ttt.enabled,
         "attention": job.model.attention,
         "mini_batch": job.ttt.mini_batch_size,
@@ -460,11 +465,15 @@ PAIRS = [
     ("P_none", "J_meta", "ours / official, meta step, ttt.recompute=none"),
     ("P_full", "J_meta", "ours / official, meta step, ttt.recompute=full"),
     ("P_selective", "J_meta", "ours / official, meta step, ttt.recompute=selective"),
+    ("P_compiled", "J_meta", "ours / official, meta step, ttt.compile, recompute=none"),
+    ("P_compiled_selective", "J_meta", "ours / official, meta step, ttt.compile, recompute=selective"),
     ("P_fa", "J_fa", "ours / official, full attention"),
     ("J_meta", "J_fa", "official: meta / full attention"),
     ("P_none", "P_fa", "ours: meta (none) / full attention"),
     ("P_full", "P_fa", "ours: meta (full) / full attention"),
     ("P_selective", "P_fa", "ours: meta (selective) / full attention"),
+    ("P_compiled", "P_fa", "ours: meta (compiled, none) / full attention"),
+    ("P_compiled_selective", "P_fa", "ours: meta (compiled, selective) / full attention"),
 ]
 
 
@@ -540,7 +549,8 @@ def render(data: dict, args: argparse.Namespace) -> str:
         "Compile = the official step's trace + lower + XLA compile, ahead of the first call (which reuses "
         "that executable); its second call compiles again (the first warm-up step), as the official loop "
         "does: the returned optimizer state carries the mesh sharding, the fresh one did not. Spawn → ready "
-        "includes every warm-up step. Ours runs eagerly (no compile step).",
+        "includes every warm-up step. Ours runs eagerly except P_compiled*, whose first step includes "
+        "torch.compile of the prefix and of the inner step (one graph per KV-cache shape: none, b, W keys).",
     ]
     return "\n".join(lines) + "\n"
 
