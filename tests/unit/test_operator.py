@@ -145,7 +145,7 @@ def test_a_local_root_is_shared_only_on_the_runs_volume():
 
 
 @pytest.mark.parametrize(
-    "uri", ["/scratch/runs", "/", "/tmp", "/runsx/a", "/runs/../tmp", "/etc/../tmp/runs"]
+    "uri", ["/scratch/runs", "/", "/var", "/runsx/a", "/runs/../var", "/etc/../var/runs"]
 )
 def test_a_storage_path_outside_the_runs_mount_is_an_invalid_spec(uri):
     """Outside the runs volume a run writes to its container's own disk and is lost with the pod."""
