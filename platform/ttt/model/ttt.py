@@ -169,7 +169,8 @@ def _meta_loss(
         # Grow the RoPE table here, eagerly: filled inside a trace, its cache would fail the graph's guards
         # on the next step and recompile (the suffix asks for at most W + b positions).
         model.rope(max(length, model.config.window_size + size), inputs.device, model.embed.weight.dtype)
-        h = compiled_call(_compiled_prefix, ttt.compile_backend, _BUDGETS[recompute], model, inputs)
+        budget = _BUDGETS[recompute]
+        h = _compiled_call(_compiled_prefix, ttt.compile_backend, budget, model, inputs)
     else:
         h = model.run_prefix(inputs, recompute)  # prefix: once, fused attention, first-order only
 
@@ -182,16 +183,14 @@ def _meta_loss(
     if not outer:
         fast = _detached(fast)
     caches: list[KVCache | None] = [None] * model.config.suffix_len
-    step_fn = _InnerStep(model, inner_lr, ttt.inner_clip, outer=outer, second_order=outer and not first_order)
     if compiled:
         lr = torch.tensor(inner_lr, dtype=fast[0].gate.dtype, device=inputs.device)  # a tensor: no recompile
-        budget = _BUDGETS[recompute]
 
         def run_step(h, targets, mask, fast, caches):
             # Contiguous caches: a window trimmed from [cache, chunk] is a strided view whose strides change
             # once the window is full, and each new stride would be one more compile.
             caches = [c if c is None else KVCache(c.keys.contiguous(), c.values.contiguous()) for c in caches]
-            return compiled_call(
+            return _compiled_call(
                 _compiled_inner_step,
                 ttt.compile_backend,
                 budget,
@@ -205,6 +204,9 @@ def _meta_loss(
                 caches,
             )
     else:
+        step_fn = _InnerStep(
+            model, inner_lr, ttt.inner_clip, outer=outer, second_order=outer and not first_order
+        )
         partitioned = recompute != "none" and is_partitioned(model)
 
         def run_step(*args):
@@ -322,7 +324,7 @@ def _compiled_inner_step(model, lr, clip, h, targets, mask, fast, caches):
     return step(h, targets, mask, fast, caches)
 
 
-def compiled_call(fn, backend: str, budget: float, *args):
+def _compiled_call(fn, backend: str, budget: float, *args):
     """`fn(*args)` compiled, with AOTAutograd partitioning its forward and backward under `budget`."""
     import torch._functorch.config as functorch_config  # private but the knob's only home; imported late
 
